@@ -1,0 +1,1 @@
+"""PostgreSQL / SQLite persistence: tables, migrations, BI views and idempotent writes."""

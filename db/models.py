@@ -1,0 +1,152 @@
+"""SQLAlchemy 2 tables. Table names are part of the BI contract: change them only with a migration."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Run(Base):
+    """One ingested feed. Counts are a cache; `db.store.run_progress` derives the truth."""
+
+    __tablename__ = "runs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    feed: Mapped[str] = mapped_column(Text)
+    mode: Mapped[str] = mapped_column(String(16), default="embedded")
+    status: Mapped[str] = mapped_column(String(16), default="ingesting")
+    bundle_id: Mapped[str | None] = mapped_column(String(80))
+    stacker: Mapped[str | None] = mapped_column(String(32))
+    n_rows: Mapped[int] = mapped_column(Integer, default=0)
+    n_products: Mapped[int] = mapped_column(Integer, default=0)
+    n_rejects: Mapped[int] = mapped_column(Integer, default=0)
+    timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Product(Base):
+    __tablename__ = "products"
+    __table_args__ = (
+        UniqueConstraint("run_id", "product_id", name="uq_products_run_product"),
+        Index("ix_products_run_status", "run_id", "status"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    product_id: Mapped[str] = mapped_column(String(128))
+    row: Mapped[int] = mapped_column(Integer)
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    title: Mapped[str] = mapped_column(Text, default="")
+    description: Mapped[str] = mapped_column(Text, default="")
+    image: Mapped[str | None] = mapped_column(Text)
+    label: Mapped[str | None] = mapped_column(String(256))
+    group_id: Mapped[str | None] = mapped_column(String(256))
+    attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # pending -> done | failed (retryable) | dead (dead-lettered)
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class RejectRow(Base):
+    __tablename__ = "rejects"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    row: Mapped[int] = mapped_column(Integer)
+    raw_id: Mapped[str | None] = mapped_column(String(256))
+    reason: Mapped[str] = mapped_column(Text)
+
+
+class ModelVersion(Base):
+    __tablename__ = "model_versions"
+    id: Mapped[str] = mapped_column(String(80), primary_key=True)  # bundle id
+    content_hash: Mapped[str] = mapped_column(String(64))
+    preset: Mapped[str | None] = mapped_column(String(32))
+    path: Mapped[str | None] = mapped_column(Text)
+    labels: Mapped[list[Any]] = mapped_column(default=list)
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class BaseLogits(Base):
+    __tablename__ = "base_logits"
+    __table_args__ = (UniqueConstraint("product_pk", "model_kind", "model_version", name="uq_base_logits"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    product_pk: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
+    model_kind: Mapped[str] = mapped_column(String(16))  # text | image | multimodal
+    model_version: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
+    logits: Mapped[list[Any]] = mapped_column()
+
+
+class Prediction(Base):
+    __tablename__ = "predictions"
+    __table_args__ = (UniqueConstraint("product_pk", "stacker", name="uq_predictions_product_stacker"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    product_pk: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    category: Mapped[str] = mapped_column(String(256))
+    confidence: Mapped[float] = mapped_column(Float)
+    model_version: Mapped[str] = mapped_column(ForeignKey("model_versions.id"))
+    stacker: Mapped[str] = mapped_column(String(32))
+    text_category: Mapped[str | None] = mapped_column(String(256))
+    image_category: Mapped[str | None] = mapped_column(String(256))
+    multimodal_category: Mapped[str | None] = mapped_column(String(256))
+    missing: Mapped[str | None] = mapped_column(String(16))  # "image" | "text" | None
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class ModalityContribution(Base):
+    __tablename__ = "modality_contributions"
+    __table_args__ = (UniqueConstraint("product_pk", name="uq_contributions_product"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    product_pk: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    t_shap: Mapped[float] = mapped_column(Float)
+    v_shap: Mapped[float] = mapped_column(Float)
+    n_evaluations: Mapped[int] = mapped_column(Integer)
+    stderr: Mapped[float] = mapped_column(Float)
+    mode: Mapped[str] = mapped_column(String(8), default="token")
+
+
+class CollapseMetric(Base):
+    __tablename__ = "collapse_metrics"
+    __table_args__ = (UniqueConstraint("run_id", "scope", "metric", name="uq_collapse_metric"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    scope: Mapped[str] = mapped_column(String(256))  # "all" or a category
+    metric: Mapped[str] = mapped_column(String(64))
+    value: Mapped[float] = mapped_column(Float)
+
+
+class DeadLetter(Base):
+    """Products that kept failing: kept with their last error so the run can finish without them."""
+
+    __tablename__ = "dead_letters"
+    __table_args__ = (UniqueConstraint("product_pk", "stage", name="uq_dead_letters"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    product_pk: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    stage: Mapped[str] = mapped_column(String(16))
+    error: Mapped[str] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,3 @@
+from shapstack.cli import main
+
+main()

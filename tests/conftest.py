@@ -1,0 +1,69 @@
+"""Shared fixtures: generated catalogues and real databases (SQLite file and PostgreSQL)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("SHAPSTACK_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("SHAPSTACK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REQUIRE_SERVICES = os.environ.get("SHAPSTACK_REQUIRE_SERVICES") == "1"
+
+
+def service_missing(what: str, exc: Exception) -> None:
+    """In CI a missing service is a failure; on a laptop without it the test is skipped."""
+    if REQUIRE_SERVICES:
+        pytest.fail(f"{what} not reachable: {exc}")
+    pytest.skip(f"{what} not reachable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def catalogue(tmp_path_factory) -> Path:
+    """A small synthetic catalogue with every class kind; read-only for tests."""
+    from pipeline.synthetic import make_catalogue
+
+    return make_catalogue(tmp_path_factory.mktemp("catalogue"), 120, 6, seed=1, image_size=48)
+
+
+def _fresh_pg_database() -> str:
+    import psycopg
+
+    name = f"shapstack_test_{uuid.uuid4().hex[:10]}"
+    try:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        service_missing("PostgreSQL", exc)
+    return PG_ADMIN_URL.rsplit("/", 1)[0] + "/" + name
+
+
+def _drop_pg_database(url: str) -> None:
+    import psycopg
+
+    name = url.rsplit("/", 1)[1]
+    from db.engine import connect
+
+    connect.cache_clear()
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url():
+    url = _fresh_pg_database()
+    yield url
+    _drop_pg_database(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """Every database test runs on the embedded default and on PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'shapstack.db'}"
+        return
+    url = _fresh_pg_database()
+    yield url
+    _drop_pg_database(url)
