@@ -46,8 +46,7 @@ class Settings:
     collapse_text_share: float = 0.5  # alert when more than this share is text-dominated
     collapse_image_share: float = 0.5
     collapse_drift: float = 0.15  # alert when mean T-SHAP moves by more than this
-    collapse_agreement: float = 0.9  # alert when MM agrees with one unimodal model above this...
-    collapse_min_products: int = 20  # ...and per-category metrics need at least this many
+    collapse_min_products: int = 20  # per-category metrics need at least this many products
 
     # distributed
     task_time_limit_s: int = 900
@@ -57,6 +56,12 @@ class Settings:
     @property
     def distributed(self) -> bool:
         return self.broker_url is not None
+
+    def thresholds(self):
+        from pipeline.collapse import Thresholds
+
+        return Thresholds(self.collapse_text_share, self.collapse_image_share, self.collapse_drift,
+                          self.collapse_min_products)
 
     def limits(self):
         from pipeline.records import Limits
