@@ -163,26 +163,38 @@ def ingest_feed(
     mode: str = "embedded",
     on_batch: Callable[[int, list[int]], None] | None = None,
     progress: Callable[[int], None] | None = None,
+    select_product: Callable[[Product], bool] | None = None,
 ) -> int:
     """Stream a feed into the database in batches; returns the run id.
 
     Each batch commits on its own, so a crash mid-feed keeps what was stored. on_batch receives
     the new product primary keys of each batch (the distributed mode enqueues them there).
+    select_product drops products silently (e.g. the train side of a split): they are not rows of
+    this run, neither products nor rejects.
     """
     started = time.perf_counter()
     with factory() as session, session.begin():
         run_id = create_run(session, str(Path(feed).resolve()), mode)
     n_rows = 0
-    for items in batched(read_feed(feed, limits), batch_size):
+    rows = read_feed(feed, limits)
+    if select_product is not None:
+        rows = (i for i in rows if isinstance(i, Reject) or select_product(i))
+    try:
+        for items in batched(rows, batch_size):
+            with factory() as session, session.begin():
+                add_items(session, run_id, items)
+                ids = [i.product_id for i in items if isinstance(i, Product)]
+                pks = list(session.scalars(
+                    select(m.Product.id).where(m.Product.run_id == run_id, m.Product.product_id.in_(ids))))
+            n_rows += len(items)
+            if progress:
+                progress(len(items))
+            if on_batch and pks:
+                on_batch(run_id, sorted(pks))
+    except Exception as exc:
         with factory() as session, session.begin():
-            add_items(session, run_id, items)
-            ids = [i.product_id for i in items if isinstance(i, Product)]
-            pks = list(session.scalars(select(m.Product.id).where(m.Product.run_id == run_id, m.Product.product_id.in_(ids))))
-        n_rows += len(items)
-        if progress:
-            progress(len(items))
-        if on_batch and pks:
-            on_batch(run_id, sorted(pks))
+            session.execute(update(m.Run).where(m.Run.id == run_id).values(status="failed", error=str(exc)[:2000]))
+        raise
     with factory() as session, session.begin():
         run = session.get(m.Run, run_id)
         run.n_rows = n_rows

@@ -309,3 +309,29 @@ def load_state(tensors: dict[str, np.ndarray], meta_json: str) -> Stacker:
     stacker = make_stacker(meta["name"]).load_state(dict(tensors), meta)
     stacker.fitted_on = meta.get("fitted_on", 0)
     return stacker
+
+
+def save_stackers(bundle_path, stackers: dict[str, Stacker]) -> None:
+    """Into a bundle: weights as safetensors artefacts, the rest in one JSON artefact."""
+    from pipeline.bundle import save_artifact
+
+    metas = {}
+    for name, s in stackers.items():
+        tensors, metas[name] = save_state(s)
+        if tensors:
+            save_artifact(bundle_path, f"stacker-{name}", tensors)
+    save_artifact(bundle_path, "stackers", metas)
+
+
+def load_stackers(bundle_path, names=None) -> dict[str, Stacker]:
+    from pipeline.bundle import load_artifact, read_manifest
+
+    artefacts = read_manifest(bundle_path)["artifacts"]
+    if "stackers" not in artefacts:
+        return {}
+    out = {}
+    for name, meta in load_artifact(bundle_path, "stackers").items():
+        if names is None or name in names:
+            tensors = load_artifact(bundle_path, f"stacker-{name}") if f"stacker-{name}" in artefacts else {}
+            out[name] = load_state({k: v.numpy() for k, v in tensors.items()}, meta)
+    return out

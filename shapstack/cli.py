@@ -109,13 +109,9 @@ def print_ingest_summary(factory, run_id: int) -> None:
 def ingest(ctx: click.Context, feed: str, allow_urls: bool | None) -> None:
     """Validate a feed and store its products; unusable rows are stored as rejects."""
     from db.store import ingest_feed
-    from pipeline.feed import FeedError, raw_rows
 
     settings = settings_of(ctx, allow_image_urls=allow_urls)
-    try:
-        next(raw_rows(Path(feed)), None)  # fail fast, before a run exists, if the feed is unreadable
-    except FeedError as exc:
-        raise ValueError(str(exc)) from None
+    _check_feed(feed)  # before a run exists
     factory = session_factory(settings)
     with _progress("ingest") as bar:
         run_id = ingest_feed(factory, feed, settings.limits(), batch_size=settings.ingest_batch_size,
@@ -123,10 +119,10 @@ def ingest(ctx: click.Context, feed: str, allow_urls: bool | None) -> None:
     print_ingest_summary(factory, run_id)
 
 
-def _progress(desc: str):
+def _progress(desc: str, unit: str = " rows"):
     from tqdm import tqdm
 
-    return tqdm(desc=desc, unit=" rows", file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
+    return tqdm(desc=desc, unit=unit, file=sys.stderr, disable=not sys.stderr.isatty(), leave=False)
 
 
 @cli.command()
@@ -164,6 +160,197 @@ def status(ctx: click.Context, run: int | None, as_json: bool) -> None:
     click.echo(f"  rejects    {p['rejects']:>8}")
     for reason, k in reasons.most_common(10):
         click.echo(f"    {k:>7}  {reason}")
+
+
+@cli.command()
+@click.argument("feed", type=click.Path())
+@click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Bundle directory to write.")
+@click.option("--preset", default="small", show_default=True, type=click.Choice(["tiny", "small", "paper"]))
+@click.option("--label-column", default="category", show_default=True)
+@click.option("--group-column", default="group_id", show_default=True)
+@click.option("--min-class-size", default=20, show_default=True, type=click.IntRange(1))
+@click.option("--folds", default=5, show_default=True, type=click.IntRange(1),
+              help="K-fold cross-fitting for the stackers' inputs; 1 = a 20% held-out split.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), help="Override the preset's epochs for every model.")
+@click.option("--test-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 0.9),
+              help="Hold out this share of groups (by hash) for `evaluate/classify --split test`.")
+@click.option("--mmshap-budget", type=click.IntRange(0), help="Coalitions per product for out-of-fold MM-SHAP.")
+@click.option("--tokenizer", type=click.Path(exists=True), help="A local pretrained tokenizer (default: train WordPiece).")
+@click.option("--device", help="auto | cpu | cuda")
+@click.pass_context
+def train(ctx: click.Context, feed: str, out: str, preset: str, label_column: str, group_column: str,
+          min_class_size: int, folds: int, seed: int, epochs: int | None, test_fraction: float,
+          mmshap_budget: int | None, tokenizer: str | None, device: str | None) -> None:
+    """Train the three base models and every stacker into a model bundle (resumable)."""
+    from train.crossfit import TrainConfig, train_bundle
+
+    settings = settings_of(ctx, device=device)
+    cfg = TrainConfig(preset=preset, label_column=label_column, group_column=group_column,
+                      min_class_size=min_class_size, folds=folds, seed=seed, epochs=epochs, device=settings.device,
+                      test_fraction=test_fraction, mmshap_budget=32 if mmshap_budget is None else mmshap_budget,
+                      mmshap_mode=settings.mmshap_image_mode, tokenizer=tokenizer)
+    _check_feed(feed)
+    train_bundle(feed, out, cfg, settings.limits(), log=click.echo)
+
+
+@cli.command()
+@click.argument("feed", type=click.Path())
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), help="Model bundle (default: settings.bundle).")
+@click.option("--split", type=click.Choice(["test", "train", "all"]), default="all", show_default=True,
+              help="Which side of the bundle's --test-fraction split to evaluate on.")
+@click.option("--report", type=click.Path(file_okay=False), help="Write per-class CSV, confusion PNGs and metrics here.")
+@click.option("--mmshap-budget", type=click.IntRange(0))
+@click.option("--tfidf", is_flag=True, help="Add a TF-IDF + logistic regression baseline trained on the train side.")
+@click.option("--device", help="auto | cpu | cuda")
+@click.pass_context
+def evaluate(ctx: click.Context, feed: str, bundle: str | None, split: str, report: str | None,
+             mmshap_budget: int | None, tfidf: bool, device: str | None) -> None:
+    """Macro/weighted P, R, F1 and accuracy of every base model and stacker (the paper's Table II)."""
+    from train.evaluate import evaluate_bundle
+
+    settings = settings_of(ctx, device=device, bundle=bundle)
+    _check_feed(feed)
+    evaluate_bundle(feed, _bundle_path(settings), split=split, report=report, limits=settings.limits(),
+                    budget=mmshap_budget, device=settings.device, batch_size=settings.batch_size, tfidf=tfidf,
+                    log=click.echo)
+
+
+def make_backend(settings: Settings, bundle):
+    """Triton when SHAPSTACK_TRITON_URL is set, else the bundle's models in this process."""
+    if settings.triton_url:
+        from serving.client import TritonBackend
+
+        return TritonBackend(settings.triton_url, bundle, batch_size=settings.batch_size, limits=settings.limits())
+    from pipeline.backend import InProcessBackend
+
+    return InProcessBackend(bundle, device=settings.device, batch_size=settings.batch_size, limits=settings.limits())
+
+
+def load_stacker(bundle, name: str):
+    from pipeline.stacking import KINDS, load_stackers, make_stacker
+
+    if name in KINDS or name == "mean":
+        return make_stacker(name)
+    stackers = load_stackers(bundle.path, [name])
+    if name not in stackers:
+        raise ValueError(f"bundle {bundle.path} has no stacker {name!r}")
+    return stackers[name]
+
+
+def classify_feed(settings: Settings, feed: str, *, stacker_name: str, split: str, out: str | None,
+                  echo=click.echo) -> int:
+    """Embedded mode end to end: ingest -> infer (base models + MM-SHAP) -> stack -> persist."""
+    from db.runs import classify_run, export, output_rows
+    from db.store import ingest_feed, register_model
+    from pipeline.bundle import load_bundle
+    from pipeline.split import keep
+
+    _check_feed(feed)
+    if out and Path(out).suffix.lower() not in (".csv", ".jsonl"):
+        raise ValueError(f"--out must end in .csv or .jsonl: {out}")
+    bundle = load_bundle(_bundle_path(settings), device=settings.device)
+    extra = bundle.manifest.get("extra", {})
+    if split != "all" and not extra.get("test_fraction"):
+        raise ValueError("the bundle was trained without --test-fraction: it has no held-out split")
+    stacker = load_stacker(bundle, stacker_name)
+    backend = make_backend(settings, bundle)
+    factory = session_factory(settings)
+    with factory() as s, s.begin():
+        version = register_model(s, {**bundle.manifest, "bundle_id": bundle.bundle_id}, str(bundle.path))
+    select = None
+    if split != "all":
+        select = lambda p: keep(p, split, extra["test_fraction"], extra.get("seed", 0))  # noqa: E731
+    with _progress("ingest") as bar:
+        run_id = ingest_feed(factory, feed, settings.limits(), batch_size=settings.ingest_batch_size,
+                             progress=bar.update, select_product=select)
+    print_ingest_summary(factory, run_id)
+    with _progress("classify", unit=" products") as bar:
+        timings = classify_run(factory, backend, stacker, bundle.labels, version, run_id,
+                               batch_size=settings.batch_size, budget=settings.mmshap_budget,
+                               mode=settings.mmshap_image_mode, thresholds=settings.thresholds(),
+                               reference=extra.get("t_shap_reference"), progress=bar.update)
+    with factory() as s:
+        rows = output_rows(s, run_id)
+    echo(f"classified {len(rows)} products with stacker {stacker.name} "
+         f"(infer {timings['infer_s']:.1f} s, stack {timings['stack_s']:.1f} s)")
+    print_run_summary(factory, run_id, rows, bundle.labels, echo)
+    if out:
+        export(factory, run_id, out)
+        echo(f"wrote {out}")
+    return run_id
+
+
+def print_run_summary(factory, run_id: int, rows: list[dict], labels, echo=click.echo) -> None:
+    """The evaluation table when the feed has labels, and the run's collapse metrics."""
+    import numpy as np
+
+    from db.models import CollapseMetric
+    from train.evaluate import format_table, scores
+
+    index = {c: i for i, c in enumerate(labels)}
+    labelled = [r for r in rows if r["label"] in index]
+    if labelled:
+        y = np.array([index[r["label"]] for r in labelled])
+        present = sorted(set(y.tolist()))
+        table = {name: scores(y, np.array([index[r[col]] for r in labelled]), present)
+                 for name, col in (("stacked", "category"), ("text", "text_category"),
+                                   ("image", "image_category"), ("multimodal", "multimodal_category"))}
+        echo(f"evaluation on {len(labelled)} labelled products ({len(rows) - len(labelled)} without a known label):")
+        echo(format_table(table))
+    with factory() as s:
+        from sqlalchemy import select
+
+        metrics = {(c.scope, c.metric): c.value for c in s.scalars(
+            select(CollapseMetric).where(CollapseMetric.run_id == run_id))}
+    if metrics:
+        get = lambda k: metrics.get(("all", k), float("nan"))  # noqa: E731
+        echo(f"collapse: mean T-SHAP {get('mean_t_shap'):.3f} (std {get('std_t_shap'):.3f}), "
+             f"text-dominated {get('text_dominated_share'):.1%}, image-dominated {get('image_dominated_share'):.1%}, "
+             f"MM agrees with text {get('agree_text'):.1%} / image {get('agree_image'):.1%}")
+        raised = sorted({f"{k[1].removeprefix('flag_')} ({k[0]})" for k, v in metrics.items()
+                         if k[1].startswith("flag_") and v})
+        echo("collapse flags: " + (", ".join(raised) if raised else "none"))
+
+
+@cli.command()
+@click.argument("feed", type=click.Path())
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False), help="Model bundle (default: settings.bundle).")
+@click.option("--out", type=click.Path(dir_okay=False), help="Write predictions to FILE.csv or FILE.jsonl.")
+@click.option("--stacker", help="mmshap (default) | mmshap-paper | lightgbm | ffn | mean | text | image | multimodal")
+@click.option("--mmshap-budget", type=click.IntRange(0), help="Coalitions per product (0 = skip MM-SHAP).")
+@click.option("--mmshap-mode", type=click.Choice(["token", "pixel"]))
+@click.option("--split", type=click.Choice(["test", "train", "all"]), default="all", show_default=True,
+              help="Classify only one side of the bundle's --test-fraction split.")
+@click.option("--allow-urls/--no-allow-urls", default=None)
+@click.option("--device", help="auto | cpu | cuda")
+@click.pass_context
+def classify(ctx: click.Context, feed: str, bundle: str | None, out: str | None, stacker: str | None,
+             mmshap_budget: int | None, mmshap_mode: str | None, split: str, allow_urls: bool | None,
+             device: str | None) -> None:
+    """Classify a feed in this process and store predictions, MM-SHAP and collapse metrics."""
+    settings = settings_of(ctx, bundle=bundle, stacker=stacker, mmshap_budget=mmshap_budget,
+                           mmshap_image_mode=mmshap_mode, allow_image_urls=allow_urls, device=device)
+    classify_feed(settings, feed, stacker_name=settings.stacker, split=split, out=out)
+
+
+def _check_feed(feed: str) -> None:
+    """Fail fast, with one line, when the feed as a whole cannot be read."""
+    from pipeline.feed import FeedError, raw_rows
+
+    try:
+        next(raw_rows(Path(feed)), None)
+    except FeedError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _bundle_path(settings: Settings) -> str:
+    from pipeline.bundle import read_manifest
+
+    if not settings.bundle:
+        raise ValueError("no model bundle: pass --bundle or set SHAPSTACK_BUNDLE")
+    read_manifest(settings.bundle)  # raises BundleError (a ValueError) with a clear message
+    return settings.bundle
 
 
 def main() -> None:
