@@ -1,0 +1,200 @@
+"""The three base learners, built from a preset (no downloads), optionally from local checkpoints.
+
+  text        BERT + linear head                       forward(input_ids, attention_mask) -> (B, K)
+  image       torchvision ResNet                       forward(pixel_values) -> (B, K)
+  multimodal  MMBT: a BERT over [CLS] [img_1..img_N] [text tokens ... SEP], the image tokens
+              being an open_clip visual tower's feature map average-pooled to N cells and
+              projected to BERT's width; head on [CLS]
+              forward(input_ids, text_mask, pixel_values, image_mask) -> (B, K)
+              = fuse(input_ids, text_mask, encode_image(pixel_values), image_mask)
+
+Every model carries `.arch`, a preset-shaped dict (architecture keys only, checkpoint-derived
+values resolved), so that `create_model(kind, {**preset, **model.arch}, K)` rebuilds it exactly:
+that is how a bundle is loaded without the original checkpoints.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+from pipeline.presets import get_preset
+
+KINDS = ("text", "image", "multimodal")
+BERT_ARCH = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+             "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
+             "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id", "classifier_dropout")
+# MMBT's pooling of a feature map to N image embeddings (rows x columns)
+POOL_GRID = {1: (1, 1), 2: (2, 1), 3: (3, 1), 4: (2, 2), 5: (5, 1), 6: (3, 2), 7: (7, 1), 8: (4, 2), 9: (3, 3)}
+
+
+# ---------------------------------------------------------------------------------- weights on disk
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """safetensors, or a torch pickle read with weights_only=True (never executes code)."""
+    path = str(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+
+
+def load_partial(module: nn.Module, path: str | Path, prefix: str = "") -> None:
+    """Load the checkpoint's tensors whose names (prefix stripped where present) and shapes match,
+    e.g. all but a 1000-class ImageNet head or CLIP's attention pool and text tower.
+    Fails when the backbone does not match."""
+    own = module.state_dict()
+    sd = {k.removeprefix(prefix): v for k, v in read_state_dict(path).items()}
+    sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    missing = [k for k in own if k not in sd and not k.startswith(("fc.", "proj", "head"))]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} weights missing or mis-shaped, e.g. {missing[:3]}")
+    module.load_state_dict(sd, strict=False)
+
+
+# ---------------------------------------------------------------------------------- text
+
+class BertClassifier(BertForSequenceClassification):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def _bert_config(p: dict, vocab_size: int | None, checkpoint: str | None) -> BertConfig:
+    if checkpoint:
+        return BertConfig.from_pretrained(checkpoint, local_files_only=True)
+    return BertConfig(**{**p["bert"], "vocab_size": vocab_size or p["bert"].get("vocab_size") or p["vocab_size"]})
+
+
+def _bert_arch(config: BertConfig) -> dict:
+    return {k: getattr(config, k) for k in BERT_ARCH}
+
+
+# ---------------------------------------------------------------------------------- image
+
+class ResNet(tv_resnet.ResNet):
+    """torchvision's ResNet with a base width (64 = resnet18/50/152 exactly, same weight names)."""
+
+    def __init__(self, block: str, layers: list[int], num_classes: int, width: int = 64, image_size: int = 224):
+        nn.Module.__init__(self)
+        blk = {"basic": tv_resnet.BasicBlock, "bottleneck": tv_resnet.Bottleneck}[block]
+        self._norm_layer, self.dilation, self.groups, self.base_width, self.inplanes = nn.BatchNorm2d, 1, 1, 64, width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1, self.relu, self.maxpool = nn.BatchNorm2d(width), nn.ReLU(inplace=True), nn.MaxPool2d(3, 2, 1)
+        for i, n in enumerate(layers):
+            setattr(self, f"layer{i + 1}", self._make_layer(blk, width * 2**i, n, stride=1 if i == 0 else 2))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(width * 2 ** (len(layers) - 1) * blk.expansion, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+        for m in self.modules():  # zero-init the last BN of each residual branch
+            if isinstance(m, tv_resnet.Bottleneck):
+                nn.init.zeros_(m.bn3.weight)
+            elif isinstance(m, tv_resnet.BasicBlock):
+                nn.init.zeros_(m.bn2.weight)
+
+
+# ---------------------------------------------------------------------------------- multimodal
+
+def clip_vision_cfg(cfg: dict) -> dict:
+    """Resolve {"model": "RN50x4", ...overrides} to open_clip CLIPVisionCfg kwargs."""
+    cfg = dict(cfg)
+    name = cfg.pop("model", None)
+    if name:
+        import open_clip
+        base = open_clip.get_model_config(name)
+        if base is None:
+            raise ValueError(f"open_clip has no model config {name!r}")
+        cfg = {**{k: v for k, v in base["vision_cfg"].items() if v is not None}, **cfg}
+    return cfg
+
+
+def build_clip_visual(cfg: dict) -> tuple[nn.Module, int]:
+    """An open_clip visual tower (ModifiedResNet or ViT) and its feature-map width."""
+    from open_clip.model import _build_vision_tower
+
+    visual = _build_vision_tower(embed_dim=64, vision_cfg=cfg)
+    if hasattr(visual, "attnpool"):  # MMBT pools the feature map itself; drop CLIP's attention pool
+        visual.attnpool = nn.Identity()
+    layers = cfg.get("layers", 12)
+    return visual, cfg["width"] * 32 if isinstance(layers, (list, tuple)) else cfg["width"]
+
+
+class MMBT(nn.Module):
+    def __init__(self, bert: BertModel, visual: nn.Module, feature_dim: int, num_image_embeds: int, num_classes: int):
+        super().__init__()
+        cfg = bert.config
+        self.bert, self.visual, self.num_image_embeds = bert, visual, num_image_embeds
+        self.pool = nn.AdaptiveAvgPool2d(POOL_GRID[num_image_embeds])
+        self.proj = nn.Linear(feature_dim, cfg.hidden_size)
+        self.dropout = nn.Dropout(cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob)
+        self.classifier = nn.Linear(cfg.hidden_size, num_classes)
+        nn.init.normal_(self.classifier.weight, std=cfg.initializer_range), nn.init.zeros_(self.classifier.bias)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, H) image tokens (before BERT's position/segment embeddings)."""
+        fmap = self.visual.forward_intermediates(pixel_values, indices=1, intermediates_only=True)["image_intermediates"][-1]
+        return self.proj(self.pool(fmap).flatten(2).transpose(1, 2))
+
+    def fuse(self, input_ids: torch.Tensor, text_mask: torch.Tensor, image_embeds: torch.Tensor,
+             image_mask: torch.Tensor) -> torch.Tensor:
+        """Logits from token ids (B, L) laid out [CLS] t.. [SEP] [PAD].., image tokens (B, N, H) and
+        player masks (1 = present; a removed token is excluded from attention). [CLS] is always kept."""
+        words = self.bert.embeddings.word_embeddings(input_ids)
+        x = torch.cat([words[:, :1], image_embeds.to(words.dtype), words[:, 1:]], dim=1)
+        b, n = image_embeds.shape[:2]
+        ones = torch.ones(b, 1, dtype=torch.long, device=x.device)
+        mask = torch.cat([ones, image_mask.long(), text_mask[:, 1:].long()], dim=1)
+        segment = torch.zeros_like(mask)
+        segment[:, 1 : 1 + n] = 1  # image tokens: their own segment; positions continue after [CLS]
+        pooled = self.bert(inputs_embeds=x, attention_mask=mask, token_type_ids=segment).pooler_output
+        return self.classifier(self.dropout(pooled))
+
+    def forward(self, input_ids, text_mask, pixel_values, image_mask) -> torch.Tensor:
+        return self.fuse(input_ids, text_mask, self.encode_image(pixel_values), image_mask)
+
+
+# ---------------------------------------------------------------------------------- the factory
+
+def create_model(kind: str, preset: str | dict, num_classes: int, *, checkpoint: Any = None,
+                 vocab_size: int | None = None) -> nn.Module:
+    """kind: text | image | multimodal. checkpoint (all local): text: a Hugging Face BERT folder;
+    image: a torchvision weight file; multimodal: {"text": BERT folder, "clip": open_clip weight
+    file}, either optional. vocab_size: the tokenizer's (ignored with a BERT checkpoint)."""
+    p = get_preset(preset)
+    if kind == "text":
+        config = _bert_config(p, vocab_size, checkpoint)
+        config.num_labels = num_classes
+        model = (BertClassifier.from_pretrained(checkpoint, config=config, local_files_only=True)
+                 if checkpoint else BertClassifier(config))
+        model.arch = {"bert": _bert_arch(config)}
+    elif kind == "image":
+        model = ResNet(num_classes=num_classes, **p["resnet"])
+        if checkpoint:
+            load_partial(model, checkpoint)
+        model.arch = {"resnet": dict(p["resnet"])}
+    elif kind == "multimodal":
+        ckpt = checkpoint or {}
+        if not isinstance(ckpt, dict):
+            raise TypeError('multimodal checkpoint must be a dict {"text": folder, "clip": file}')
+        config = _bert_config(p, vocab_size, ckpt.get("text"))
+        bert = (BertModel.from_pretrained(ckpt["text"], config=config, local_files_only=True)
+                if ckpt.get("text") else BertModel(config))
+        clip_cfg = clip_vision_cfg(p["clip"])
+        visual, feature_dim = build_clip_visual(clip_cfg)
+        if ckpt.get("clip"):
+            load_partial(visual, ckpt["clip"], prefix="visual.")
+        model = MMBT(bert, visual, feature_dim, p["num_image_embeds"], num_classes)
+        model.arch = {"bert": _bert_arch(config), "clip": clip_cfg, "num_image_embeds": p["num_image_embeds"]}
+    else:
+        raise ValueError(f"unknown model kind {kind!r} (one of {', '.join(KINDS)})")
+    model.arch["num_classes"] = num_classes
+    return model

@@ -1,0 +1,68 @@
+"""WordPiece tokenizer: trained on the catalogue's own texts, or a pretrained one from a local folder.
+
+Either way it is held as a `tokenizers.Tokenizer` and saved as one tokenizer.json (pure data).
+`encode` always lays a product out as [CLS] tokens... [SEP] [PAD]..., fixed length; an empty text
+is just [CLS] [SEP].
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tokenizers import Tokenizer as _Tokenizer
+from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class Tokenizer:
+    def __init__(self, tok: _Tokenizer):
+        self.tok = tok
+        tok.no_padding()
+        tok.no_truncation()
+        ids = [tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]")]
+        if None in ids:
+            raise ValueError("tokenizer lacks one of [PAD] [CLS] [SEP]")
+        self.pad_id, self.cls_id, self.sep_id = ids
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask), both int64 (B, max_length)."""
+        ids = np.full((len(texts), max_length), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(texts), max_length), dtype=np.int64)
+        for i, enc in enumerate(self.tok.encode_batch([t or "" for t in texts], add_special_tokens=False)):
+            row = [self.cls_id, *enc.ids[: max_length - 2], self.sep_id]
+            ids[i, : len(row)] = row
+            mask[i, : len(row)] = 1
+        return ids, mask
+
+    def save(self, path: str | Path) -> None:
+        self.tok.save(str(path))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Tokenizer":
+        """A tokenizer.json file, or a local pretrained folder (tokenizer.json, or vocab.txt for BERT)."""
+        path = Path(path)
+        if path.is_dir() and (path / "tokenizer.json").exists():
+            path = path / "tokenizer.json"
+        if path.is_file():
+            return cls(_Tokenizer.from_file(str(path)))
+        from transformers import AutoTokenizer  # a folder with only vocab.txt & co.: convert to fast
+
+        hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+        return cls(hf.backend_tokenizer)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    tok = _Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL)
+    tok.train_from_iterator((t for t in texts if t), trainer=trainer)
+    return Tokenizer(tok)
