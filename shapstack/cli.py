@@ -353,5 +353,21 @@ def _bundle_path(settings: Settings) -> str:
     return settings.bundle
 
 
+# Command groups that live beside this file, each adding its commands to `cli` on import.
+EXTENSIONS = ("shapstack.cli_ops", "shapstack.cli_serve")
+
+
+def load_extensions() -> click.Group:
+    import importlib
+
+    for name in EXTENSIONS:
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+    return cli
+
+
 def main() -> None:
-    cli(prog_name="shapstack")
+    load_extensions()(prog_name="shapstack")
