@@ -4,8 +4,9 @@ Each class carries its label in one modality, chosen per class:
 - "image": the title/description come from one generic pool shared by all image classes, so only
   the picture (shape, texture, colour layout) tells them apart;
 - "text": the picture comes from one generic pool shared by all text classes, so only the words do;
-- "both": the words of one text class with the picture of one image class, so each modality alone
-  points to another class and only the pair identifies this one.
+- "both": classes come in pairs (A, B) over two word sets w1, w2 and two pictures s1, s2, as an
+  exclusive or: A is (w1, s1) or (w2, s2), B is (w1, s2) or (w2, s1). Each modality alone is a
+  coin toss between A and B; only the pair identifies the class.
 Knobs plant misleading text (another class's words) and drop images or text. The feed records each
 class's kind (column `class_modality`) and whether a row's text was planted (`text_misleading`).
 """
@@ -147,8 +148,11 @@ def _text(words: tuple[str, str], rng: random.Random) -> tuple[str, str]:
 
 
 def class_kinds(n_classes: int) -> list[str]:
-    """Cycle image, text, both so that every kind is present from three classes on."""
-    return [("image", "text", "both")[i % 3] for i in range(n_classes)]
+    """Cycle image, text, both, both; "both" classes come in pairs, so an odd one out is text."""
+    kinds = [("image", "text", "both", "both")[i % 4] for i in range(n_classes)]
+    if kinds.count("both") % 2:
+        kinds[-1] = "text"
+    return kinds
 
 
 def make_catalogue(
@@ -176,28 +180,24 @@ def make_catalogue(
     kinds = class_kinds(n_classes)
     names = [f"{kind}_{i:02d}" for i, kind in enumerate(kinds)]
     styles = _styles(rng)
-    word_pairs = [tuple(rng.sample(WORDS, 2)) for _ in range(n_classes)]
-    generic_words = [tuple(rng.sample(GENERIC, 2)) for _ in range(8)]
-    text_classes = [i for i, k in enumerate(kinds) if k == "text"]
-    image_classes = [i for i, k in enumerate(kinds) if k == "image"]
-
-    # per class: the pool its words and its pictures are drawn from
-    text_of: list[list[tuple[str, str]]] = []
-    image_of: list[list[ImageStyle]] = []
+    own_styles = iter(styles[: len(styles) // 2])  # one picture per image class, two per both pair
     generic_styles = styles[len(styles) // 2 :]  # pictures shared by all text classes
+    words = [tuple(rng.sample(WORDS, 2)) for _ in range(n_classes)]
+    generic_words = [tuple(rng.sample(GENERIC, 2)) for _ in range(8)]
+
+    # per class: the (word sets, pictures) combinations a product group is drawn from
+    combos: list[list[tuple[list, list]]] = []
     for i, kind in enumerate(kinds):
         if kind == "image":
-            text_of.append(generic_words)
-            image_of.append([styles[image_classes.index(i)]])
+            combos.append([(generic_words, [next(own_styles)])])
         elif kind == "text":
-            text_of.append([word_pairs[i]])
-            image_of.append(generic_styles)
-        else:
-            # the words of a text class and the picture of an image class: each alone points
-            # to that other class, only the pair identifies this one
-            j = kinds[:i].count("both")
-            text_of.append([word_pairs[text_classes[j % len(text_classes)]]])
-            image_of.append([styles[image_classes.index(image_classes[j % len(image_classes)])]])
+            combos.append([([words[i]], generic_styles)])
+        elif kinds[:i].count("both") % 2 == 0:  # first of a pair: (w1, s1) or (w2, s2)
+            s1, s2 = next(own_styles), next(own_styles)
+            combos.append([([words[i]], [s1]), ([words[i + 1]], [s2])])
+        else:  # second of the pair: (w1, s2) or (w2, s1)
+            (w1, (s1,)), (w2, (s2,)) = combos[i - 1]
+            combos.append([(w1, [s2]), (w2, [s1])])
 
     feed = out / feed_name
     with open(feed, "w", newline="") as fh:
@@ -207,14 +207,15 @@ def make_catalogue(
         group = 0
         while pid < n_products:
             c = rng.randrange(n_classes)
-            title, description = _text(rng.choice(text_of[c]), rng)
+            word_sets, pictures = rng.choice(combos[c])
+            title, description = _text(rng.choice(word_sets), rng)
             misleading = rng.random() < misleading_text
             if misleading:
                 other = rng.choice([k for k in range(n_classes) if k != c])
-                title, description = _text(rng.choice(text_of[other]), rng)
+                title, description = _text(rng.choice(rng.choice(combos[other])[0]), rng)
             for _ in range(min(rng.randint(1, group_size), n_products - pid)):
                 image = f"images/p{pid:06d}.jpg"
-                render(rng.choice(image_of[c]), image_size, rng).save(out / image, quality=90)
+                render(rng.choice(pictures), image_size, rng).save(out / image, quality=90)
                 t, d = title, description
                 if rng.random() < drop_image:
                     image = ""

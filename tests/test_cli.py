@@ -14,11 +14,11 @@ def shapstack(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comp
 
 
 def test_make_catalogue_ingest_and_status(tmp_path: Path):
-    r = shapstack("make-catalogue", "cat", "--products", "40", "--classes", "3", "--drop-image", "0.2",
+    r = shapstack("make-catalogue", "cat", "--products", "40", "--classes", "4", "--drop-image", "0.2",
                   "--image-size", "32", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     classes = json.loads((tmp_path / "cat" / "classes.json").read_text())
-    assert sorted(classes.values()) == ["both", "image", "text"]
+    assert sorted(classes.values()) == ["both", "both", "image", "text"]
     feed = tmp_path / "cat" / "catalogue.csv"
     with open(feed, "a") as fh:  # two bad rows: the feed still succeeds, they are reported
         fh.write("P000001,G,dup,,,text_01,text,0\n,G,no id,,,text_01,text,0\n")
