@@ -41,9 +41,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         num_image_embeds=2,
         fit="pad",
         train_scale=[0.6, 1.0],
-        train=dict(text=_train(3, 3e-3, 16, warmup=0.1),
-                   image=_train(3, 3e-3, 16, warmup=0.1),
-                   multimodal=_train(3, 3e-3, 16, warmup=0.1)),
+        train=dict(text=_train(12, 3e-3, 16, warmup=0.1),
+                   image=_train(12, 3e-3, 16, warmup=0.1),
+                   multimodal=_train(12, 3e-3, 16, warmup=0.1)),
     ),
     # demo and real-data runs: ~8k products on a 2-core CPU in minutes, trained from scratch
     "small": dict(

@@ -167,17 +167,28 @@ def make_catalogue(
     image_size: int = 96,
     group_size: int = 2,
     feed_name: str = "catalogue.csv",
+    kinds: list[str] | None = None,
+    class_seed: int | None = None,
 ) -> Path:
-    """Write OUT/catalogue.csv, OUT/images/*.jpg and OUT/classes.json; return the feed path."""
+    """Write OUT/catalogue.csv, OUT/images/*.jpg and OUT/classes.json; return the feed path.
+
+    kinds overrides the per-class modality (default: class_kinds). The classes (words, pictures)
+    come from class_seed (default: seed) and the products from seed, so a second call with the
+    same class_seed and another seed makes fresh products of the same classes.
+    """
     if n_classes < 2:
         raise ValueError("need at least 2 classes")
+    kinds = list(kinds) if kinds is not None else class_kinds(n_classes)
+    if len(kinds) != n_classes or set(kinds) - {"image", "text", "both"} or kinds.count("both") % 2:
+        raise ValueError("kinds: one of image/text/both per class, with an even number of both")
+    if any(k == "both" and kinds[:i].count("both") % 2 == 0 and kinds[i + 1] != "both" for i, k in enumerate(kinds)):
+        raise ValueError("kinds: both classes come in adjacent pairs")
     if not 0 <= misleading_text <= 1 or not 0 <= drop_image <= 1 or not 0 <= drop_text <= 1:
         raise ValueError("fractions must lie in [0, 1]")
-    rng = random.Random(seed)
+    rng = random.Random(seed if class_seed is None else class_seed)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
 
-    kinds = class_kinds(n_classes)
     names = [f"{kind}_{i:02d}" for i, kind in enumerate(kinds)]
     styles = _styles(rng)
     own_styles = iter(styles[: len(styles) // 2])  # one picture per image class, two per both pair
@@ -199,6 +210,7 @@ def make_catalogue(
             (w1, (s1,)), (w2, (s2,)) = combos[i - 1]
             combos.append([(w1, [s2]), (w2, [s1])])
 
+    rng = random.Random(seed) if class_seed is not None else rng
     feed = out / feed_name
     with open(feed, "w", newline="") as fh:
         w = csv.writer(fh)

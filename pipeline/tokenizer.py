@@ -58,11 +58,37 @@ class Tokenizer:
         return cls(hf.backend_tokenizer)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
-    tok = _Tokenizer(models.WordPiece(unk_token="[UNK]"))
+def _wordpiece(vocab: dict[str, int]) -> _Tokenizer:
+    tok = _Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL)
-    tok.train_from_iterator((t for t in texts if t), trainer=trainer)
-    return Tokenizer(tok)
+    return tok
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> Tokenizer:
+    """A WordPiece vocabulary of at most vocab_size tokens, the same for the same texts.
+
+    Not the `tokenizers` trainer: it breaks ties between equally frequent merges in hash-map
+    order, so its vocabulary (hence the ids and the model's initial weights) changes from run to
+    run. This builder counts normalised words and ranks, by frequency then string, whole words
+    and word endings ("##ing", "##s": what WordPiece learns first for catalogue text); every
+    character seen is kept, in both positions, so a word is never [UNK] once it was spelled.
+    """
+    norm = _wordpiece({t: i for i, t in enumerate(SPECIAL)})
+    words: dict[str, int] = {}
+    for text in texts:
+        if text:
+            for word, _ in norm.pre_tokenizer.pre_tokenize_str(norm.normalizer.normalize_str(text)):
+                words[word] = words.get(word, 0) + 1
+    chars = {c for w in words for c in w}
+    candidates: dict[str, int] = {}
+    for word, n in words.items():
+        if len(word) > 1:
+            candidates[word] = candidates.get(word, 0) + n
+        for k in range(2, min(5, len(word))):
+            candidates["##" + word[-k:]] = candidates.get("##" + word[-k:], 0) + n
+    ranked = sorted((t for t, n in candidates.items() if n >= min_frequency), key=lambda t: (-candidates[t], t))
+    base = sorted(chars) + sorted("##" + c for c in chars)
+    keep = base + ranked[: max(0, vocab_size - len(SPECIAL) - len(base))]
+    return Tokenizer(_wordpiece({t: i for i, t in enumerate(SPECIAL + sorted(keep))}))

@@ -11,6 +11,8 @@ import click
 
 from shapstack.settings import Settings, load_settings
 
+DEFAULT_MMSHAP_BUDGET = 128
+
 # Exceptions that are the user's to fix: printed as one line, exit status 2, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError, PermissionError)
 
@@ -81,13 +83,17 @@ def db_upgrade(ctx: click.Context) -> None:
 @click.option("--drop-image", default=0.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--drop-text", default=0.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--image-size", default=96, show_default=True, type=click.IntRange(16, 1024))
+@click.option("--kinds", help="Comma-separated modality per class (image, text, both); default cycles them.")
+@click.option("--class-seed", type=int, help="Seed of the class definitions (default --seed): same classes, new products.")
 def make_catalogue_cmd(out: str, products: int, classes: int, seed: int, misleading_text: float,
-                       drop_image: float, drop_text: float, image_size: int) -> None:
+                       drop_image: float, drop_text: float, image_size: int, kinds: str | None,
+                       class_seed: int | None) -> None:
     """Write a synthetic catalogue (CSV + JPEG images) with known modality reliance per class."""
     from pipeline.synthetic import make_catalogue
 
     feed = make_catalogue(out, products, classes, seed=seed, misleading_text=misleading_text,
-                          drop_image=drop_image, drop_text=drop_text, image_size=image_size)
+                          drop_image=drop_image, drop_text=drop_text, image_size=image_size,
+                          kinds=kinds.split(",") if kinds else None, class_seed=class_seed)
     click.echo(f"wrote {products} products in {classes} classes to {feed}")
 
 
@@ -188,7 +194,8 @@ def train(ctx: click.Context, feed: str, out: str, preset: str, label_column: st
     settings = settings_of(ctx, device=device)
     cfg = TrainConfig(preset=preset, label_column=label_column, group_column=group_column,
                       min_class_size=min_class_size, folds=folds, seed=seed, epochs=epochs, device=settings.device,
-                      test_fraction=test_fraction, mmshap_budget=32 if mmshap_budget is None else mmshap_budget,
+                      test_fraction=test_fraction,
+                      mmshap_budget=DEFAULT_MMSHAP_BUDGET if mmshap_budget is None else mmshap_budget,
                       mmshap_mode=settings.mmshap_image_mode, tokenizer=tokenizer)
     _check_feed(feed)
     train_bundle(feed, out, cfg, settings.limits(), log=click.echo)
@@ -225,6 +232,13 @@ def make_backend(settings: Settings, bundle):
     from pipeline.backend import InProcessBackend
 
     return InProcessBackend(bundle, device=settings.device, batch_size=settings.batch_size, limits=settings.limits())
+
+
+def mmshap_budget(settings: Settings, bundle) -> int:
+    """The same budget the stackers were trained with, unless the user asks for another."""
+    if settings.mmshap_budget is not None:
+        return settings.mmshap_budget
+    return bundle.manifest.get("extra", {}).get("mmshap", {}).get("budget", DEFAULT_MMSHAP_BUDGET)
 
 
 def load_stacker(bundle, name: str):
@@ -267,7 +281,7 @@ def classify_feed(settings: Settings, feed: str, *, stacker_name: str, split: st
     print_ingest_summary(factory, run_id)
     with _progress("classify", unit=" products") as bar:
         timings = classify_run(factory, backend, stacker, bundle.labels, version, run_id,
-                               batch_size=settings.batch_size, budget=settings.mmshap_budget,
+                               batch_size=settings.batch_size, budget=mmshap_budget(settings, bundle),
                                mode=settings.mmshap_image_mode, thresholds=settings.thresholds(),
                                reference=extra.get("t_shap_reference"), progress=bar.update)
     with factory() as s:

@@ -39,7 +39,7 @@ class Settings:
     # inference
     batch_size: int = 32
     stacker: str = "mmshap"
-    mmshap_budget: int = 64  # coalitions evaluated per product
+    mmshap_budget: int | None = None  # coalitions per product; None = the bundle's training budget
     mmshap_image_mode: str = "token"  # token | pixel
 
     # collapse alerts

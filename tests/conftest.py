@@ -67,3 +67,17 @@ def db_url(request, tmp_path):
     url = _fresh_pg_database()
     yield url
     _drop_pg_database(url)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory):
+    """(feed, bundle): a tiny-preset bundle trained once per session on a generated catalogue,
+    with a quarter of the groups held out (`--split test`) and a few products missing a modality."""
+    from pipeline.synthetic import make_catalogue
+    from train.crossfit import TrainConfig, train_bundle
+
+    root = tmp_path_factory.mktemp("tiny")
+    feed = make_catalogue(root / "cat", 320, 6, seed=1, image_size=32, drop_image=0.04, drop_text=0.04)
+    cfg = TrainConfig(preset="tiny", folds=2, min_class_size=5, mmshap_budget=64, test_fraction=0.25, seed=0)
+    train_bundle(feed, root / "bundle", cfg, log=lambda *a: None)
+    return feed, root / "bundle"
