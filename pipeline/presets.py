@@ -43,7 +43,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         train_scale=[0.6, 1.0],
         train=dict(text=_train(12, 3e-3, 16, warmup=0.1),
                    image=_train(12, 3e-3, 16, warmup=0.1),
-                   multimodal=_train(12, 3e-3, 16, warmup=0.1)),
+                   multimodal=_train(20, 3e-3, 16, warmup=0.1)),
     ),
     # demo and real-data runs: ~8k products on a 2-core CPU in minutes, trained from scratch
     "small": dict(

@@ -12,6 +12,9 @@ import click
 from shapstack.settings import Settings, load_settings
 
 DEFAULT_MMSHAP_BUDGET = 128
+# `shapstack demo`: sized to finish in minutes on 2 CPU cores
+DEMO = dict(products=900, classes=8, image_size=64, misleading_text=0.05, drop=0.03, folds=1, epochs=None,
+            test_fraction=0.25, mmshap_budget=64)
 
 # Exceptions that are the user's to fix: printed as one line, exit status 2, no traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError, PermissionError)
@@ -111,13 +114,28 @@ def print_ingest_summary(factory, run_id: int) -> None:
 @cli.command()
 @click.argument("feed", type=click.Path())
 @click.option("--allow-urls/--no-allow-urls", default=None, help="Allow http(s) image URLs.")
+@click.option("--distributed", is_flag=True,
+              help="Send the feed to the Celery workers, which ingest and classify it (needs a bundle).")
+@click.option("--wait", is_flag=True, help="With --distributed: follow the run to the end and print its summary.")
+@click.option("--bundle", type=click.Path(exists=True, file_okay=False),
+              help="With --distributed: model bundle (default: settings.bundle).")
 @click.pass_context
-def ingest(ctx: click.Context, feed: str, allow_urls: bool | None) -> None:
+def ingest(ctx: click.Context, feed: str, allow_urls: bool | None, distributed: bool, wait: bool,
+           bundle: str | None) -> None:
     """Validate a feed and store its products; unusable rows are stored as rejects."""
     from db.store import ingest_feed
 
-    settings = settings_of(ctx, allow_image_urls=allow_urls)
+    settings = settings_of(ctx, allow_image_urls=allow_urls, bundle=bundle)
     _check_feed(feed)  # before a run exists
+    if (wait or bundle) and not distributed:
+        raise ValueError("--wait and --bundle go with --distributed")
+    if distributed:
+        if allow_urls is not None:
+            raise ValueError("--allow-urls is the ingest workers' setting (allow_image_urls), not the sender's")
+        from shapstack.cli_ops import submit_feed
+
+        submit_feed(settings, feed, wait=wait)
+        return
     factory = session_factory(settings)
     with _progress("ingest") as bar:
         run_id = ingest_feed(factory, feed, settings.limits(), batch_size=settings.ingest_batch_size,
@@ -346,6 +364,53 @@ def classify(ctx: click.Context, feed: str, bundle: str | None, out: str | None,
     settings = settings_of(ctx, bundle=bundle, stacker=stacker, mmshap_budget=mmshap_budget,
                            mmshap_image_mode=mmshap_mode, allow_image_urls=allow_urls, device=device)
     classify_feed(settings, feed, stacker_name=settings.stacker, split=split, out=out)
+
+
+@cli.command()
+@click.argument("run", type=int)
+@click.option("--out", type=click.Path(file_okay=False), help="Directory (default report-RUN).")
+@click.pass_context
+def report(ctx: click.Context, run: int, out: str | None) -> None:
+    """Write an HTML report with plots for a classified run."""
+    from db.report import write_report
+
+    path = write_report(session_factory(ctx.obj), run, out or f"report-{run}")
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--out", default="shapstack-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--products", default=DEMO["products"], show_default=True, type=click.IntRange(100))
+@click.option("--preset", default="small", show_default=True, type=click.Choice(["tiny", "small"]))
+@click.option("--seed", default=0, show_default=True)
+@click.pass_context
+def demo(ctx: click.Context, out: str, products: int, preset: str, seed: int) -> None:
+    """Generate a catalogue, train, classify its held-out part into SQLite, report. No downloads."""
+    import time
+
+    from pipeline.synthetic import make_catalogue
+    from train.crossfit import TrainConfig, train_bundle
+
+    started = time.perf_counter()
+    root = Path(out)
+    click.echo(f"[1/4] synthetic catalogue: {products} products, {DEMO['classes']} classes -> {root / 'catalogue'}")
+    feed = make_catalogue(root / "catalogue", products, DEMO["classes"], seed=seed, image_size=DEMO["image_size"],
+                          misleading_text=DEMO["misleading_text"], drop_image=DEMO["drop"], drop_text=DEMO["drop"])
+    click.echo(f"[2/4] training the {preset} preset (text, image, multimodal; stackers on held-out outputs)")
+    cfg = TrainConfig(preset=preset, folds=DEMO["folds"], min_class_size=10, seed=seed, epochs=DEMO["epochs"],
+                      test_fraction=DEMO["test_fraction"], mmshap_budget=DEMO["mmshap_budget"])
+    train_bundle(feed, root / "bundle", cfg, log=lambda line: click.echo("      " + line))
+    click.echo("[3/4] classifying the held-out products into SQLite")
+    settings = ctx.obj.replace(bundle=str(root / "bundle"))
+    if ctx.obj.database_url == load_settings(env={}).database_url:  # the default: keep the demo in its folder
+        settings = settings.replace(database_url=f"sqlite:///{(root / 'shapstack.db').resolve()}")
+    run_id = classify_feed(settings, str(feed), stacker_name=settings.stacker, split="test",
+                           out=str(root / "predictions.csv"))
+    click.echo("[4/4] report")
+    from db.report import write_report
+
+    path = write_report(session_factory(settings), run_id, root / "report")
+    click.echo(f"wrote {path}\ndemo finished in {time.perf_counter() - started:.0f} s")
 
 
 def _check_feed(feed: str) -> None:

@@ -162,9 +162,10 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
                 return create_model(kind, preset, len(labels), vocab_size=tokenizer.vocab_size, checkpoint=ckpt.get(kind))
 
             def train(kind=kind):
+                text_encoder = models["text"].bert if kind == "multimodal" and not ckpt.get(kind) else None
                 return fit(kind, preset, enc[rows], y[rows], len(labels), vocab_size=tokenizer.vocab_size,
                            seed=cfg.seed, device=cfg.device, epochs=cfg.epochs, checkpoint=ckpt.get(kind),
-                           desc=f"{tag} {kind}")
+                           desc=f"{tag} {kind}", text_encoder=text_encoder)
 
             models[kind], stats[kind] = work.model(f"{tag}-{kind}", build, train)
             log(f"  {tag} {kind}: {stats[kind]['train_s']} s" + (" (resumed)" if stats[kind].get("resumed") else ""))

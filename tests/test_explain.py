@@ -1,0 +1,75 @@
+"""Sampled MM-SHAP of the multimodal model: batching is exact, and it sees what each class relies on."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+
+from pipeline.backend import InProcessBackend
+from pipeline.bundle import load_bundle
+from pipeline.explain import _players, explain
+from pipeline.feed import read_feed
+from pipeline.mmshap import exact_shapley, mm_shap
+from pipeline.records import Product
+from pipeline.stacking import log_softmax
+
+
+def products_of(feed, n=None):
+    items = [p for p in read_feed(feed) if isinstance(p, Product)]
+    return items[:n] if n else items
+
+
+def test_batched_explain_equals_a_direct_computation(tiny_bundle):
+    """Across products, coalitions share batches; the result must equal one product at a time."""
+    feed, path = tiny_bundle
+    backend = InProcessBackend(load_bundle(path))
+    products = [replace(p, description="") for p in products_of(feed) if p.has_text and p.has_image][:3]
+    enc = backend.encode(products)
+    # budget 2^n: explain becomes exact, so it can be checked against exact_shapley per product
+    sizes = [len(_players(enc, i, "token", backend.num_image_embeds)[0]) + backend.num_image_embeds for i in range(3)]
+    budget = 2 ** max(sizes)
+    assert max(sizes) <= 16
+    got = explain(backend, enc, budget=budget, mode="token")
+    embeds = backend.image_embeddings(enc)
+    pred = backend.multimodal_logits(enc.input_ids, enc.text_mask, enc.clip_pixels,
+                                     enc.image_mask(backend.num_image_embeds)).argmax(1)
+    for i in range(3):
+        text_pos, n_img = _players(enc, i, "token", backend.num_image_embeds)
+
+        def value(masks, i=i, text_pos=text_pos):
+            tm = np.repeat(enc.text_mask[i : i + 1], len(masks), 0)
+            tm[:, text_pos] = masks[:, : len(text_pos)]
+            logits = backend.fusion_logits(np.repeat(enc.input_ids[i : i + 1], len(masks), 0), tm,
+                                           np.repeat(embeds[i : i + 1], len(masks), 0), masks[:, len(text_pos):].astype(np.int64))
+            return log_softmax(logits)[:, pred[i]]
+
+        phi = exact_shapley(value, len(text_pos) + n_img)
+        t, v = mm_shap(phi, np.arange(len(phi)) < len(text_pos))
+        assert abs(got.t_shap[i] - t) < 1e-6 and abs(got.v_shap[i] - v) < 1e-6
+        assert got.n_evaluations[i] == 2 ** (len(text_pos) + n_img) and got.stderr[i] == 0
+
+
+def test_image_classes_get_higher_v_shap_than_text_classes(tiny_bundle):
+    feed, path = tiny_bundle
+    kinds = json.loads((feed.parent / "classes.json").read_text())
+    backend = InProcessBackend(load_bundle(path))
+    products = [p for p in products_of(feed) if p.has_text and p.has_image][:120]
+    res = explain(backend, backend.encode(products), budget=128, mode="token", seed=0)
+    kind = np.array([kinds[p.label] for p in products])
+    v_image, v_text = res.v_shap[kind == "image"].mean(), res.v_shap[kind == "text"].mean()
+    assert v_image > v_text + 0.1, (v_image, v_text)
+    assert (res.n_evaluations <= 128).all() and np.isfinite(res.stderr).all()
+
+
+def test_pixel_mode_and_missing_modalities(tiny_bundle):
+    feed, path = tiny_bundle
+    backend = InProcessBackend(load_bundle(path))
+    items = products_of(feed)
+    products = [p for p in items if p.has_text and p.has_image][:2] + [p for p in items if not p.has_image][:1] \
+        + [p for p in items if not p.has_text][:1]
+    res = explain(backend, backend.encode(products), budget=64, mode="pixel")
+    assert ((res.t_shap >= 0) & (res.t_shap <= 1)).all() and np.allclose(res.t_shap + res.v_shap, 1)
+    assert res.t_shap[2] == 1.0 and res.t_shap[3] == 0.0  # only one modality: all of it
+    assert res.n_evaluations[2] == res.n_evaluations[3] == 0 and (res.n_evaluations[:2] > 0).all()
