@@ -40,7 +40,7 @@ class Settings:
     batch_size: int = 32
     stacker: str = "mmshap"
     mmshap_budget: int | None = None  # coalitions per product; None = the bundle's training budget
-    mmshap_image_mode: str = "token"  # token | pixel
+    mmshap_image_mode: str | None = None  # token | pixel; None = the bundle's training mode
 
     # collapse alerts
     collapse_text_share: float = 0.5  # alert when more than this share is text-dominated
@@ -124,6 +124,6 @@ def load_settings(
                 raise ValueError(f"SHAPSTACK_{name.upper()}: {exc}") from None
 
     settings = Settings(**values).replace(**overrides)
-    if settings.mmshap_image_mode not in {"token", "pixel"}:
+    if settings.mmshap_image_mode not in {None, "token", "pixel"}:
         raise ValueError(f"mmshap_image_mode must be token or pixel, not {settings.mmshap_image_mode!r}")
     return settings

@@ -52,15 +52,16 @@ def test_batched_explain_equals_a_direct_computation(tiny_bundle):
 
 
 def test_image_classes_get_higher_v_shap_than_text_classes(tiny_bundle):
+    """Pixel mode, the reference's players: p x p patches, p = ceil(sqrt(#text tokens))."""
     feed, path = tiny_bundle
     kinds = json.loads((feed.parent / "classes.json").read_text())
     backend = InProcessBackend(load_bundle(path))
-    products = [p for p in products_of(feed) if p.has_text and p.has_image][:120]
-    res = explain(backend, backend.encode(products), budget=128, mode="token", seed=0)
+    products = [p for p in products_of(feed) if p.has_text and p.has_image][:90]
+    res = explain(backend, backend.encode(products), budget=256, mode="pixel", seed=0)
     kind = np.array([kinds[p.label] for p in products])
     v_image, v_text = res.v_shap[kind == "image"].mean(), res.v_shap[kind == "text"].mean()
-    assert v_image > v_text + 0.1, (v_image, v_text)
-    assert (res.n_evaluations <= 128).all() and np.isfinite(res.stderr).all()
+    assert v_image > v_text + 0.3, (v_image, v_text)
+    assert (res.n_evaluations <= 256).all() and np.isfinite(res.stderr).all()
 
 
 def test_pixel_mode_and_missing_modalities(tiny_bundle):

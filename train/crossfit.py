@@ -52,7 +52,7 @@ class TrainConfig:
     device: str = "auto"
     test_fraction: float = 0.0  # > 0: hold out this share of groups for evaluate/classify --split test
     mmshap_budget: int = 128
-    mmshap_mode: str = "token"
+    mmshap_mode: str = "pixel"
     tokenizer: str | None = None  # a local pretrained tokenizer; default: train WordPiece on the feed
     checkpoints: dict | None = None  # kind -> local checkpoint
     stackers: tuple[str, ...] = STACKERS

@@ -111,7 +111,7 @@ def evaluate_bundle(feed, bundle_path, *, split: str | None = None, report: Path
         raise ValueError("no labelled products of the bundle's classes in this feed")
     y = np.array([index[label_of(p, cfg.label_column)] for p in products])
     budget = extra.get("mmshap", {}).get("budget", 128) if budget is None else budget
-    mode = extra.get("mmshap", {}).get("mode", "token")
+    mode = extra.get("mmshap", {}).get("mode", "pixel")
     backend = InProcessBackend(bundle, device=device, batch_size=batch_size, limits=limits)
     started = time.perf_counter()
     parts = [infer(backend, chunk, budget=budget, mode=mode) for chunk in batched(products, batch_size)]
