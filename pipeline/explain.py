@@ -100,52 +100,68 @@ def _patch_masks(image_players: np.ndarray, size: int) -> np.ndarray:
     return grid[:, cell][:, :, cell][:, None].astype(np.float32)
 
 
-def explain(backend, enc: Encoded, *, budget: int = 64, mode: str = "token", seed: int = 0,
+def evaluate_coalitions(backend, enc: Encoded, games: list[tuple[int, np.ndarray, np.ndarray]], mode: str,
+                        predicted: np.ndarray, embeds: np.ndarray | None = None) -> np.ndarray:
+    """Log-probability of the predicted class for every coalition of every game, in one model batch.
+
+    games: (product index, its removable text positions, its masks (m, n_text + n_image)).
+    """
+    owner = np.concatenate([np.full(len(m), i) for i, _, m in games]) if games else np.zeros(0, int)
+    if len(owner) == 0:
+        return np.zeros(0)
+    ids = enc.input_ids[owner]
+    tmask = enc.text_mask[owner].copy()
+    imask = enc.image_mask(backend.num_image_embeds)[owner]
+    pixel_keep = []
+    start = 0
+    for i, text_pos, masks in games:
+        stop = start + len(masks)
+        tmask[start:stop][:, text_pos] = masks[:, : len(text_pos)]
+        if mode == "token":
+            imask[start:stop] = masks[:, len(text_pos):]
+        else:
+            pixel_keep.append(_patch_masks(masks[:, len(text_pos):], enc.clip_pixels.shape[-1]))
+        start = stop
+    if mode == "token":
+        embeds = backend.image_embeddings(enc) if embeds is None else embeds
+        logits = backend.fusion_logits(ids, tmask, embeds[owner], imask)
+    else:
+        logits = backend.multimodal_logits(ids, tmask, enc.clip_pixels[owner] * np.concatenate(pixel_keep), imask)
+    # float64: in float32 the log-probabilities of near-certain predictions lose the small
+    # differences between coalitions, and T-SHAP moved by 1e-3 with the batch size alone
+    return log_softmax(logits.astype(np.float64))[np.arange(len(owner)), predicted[owner]]
+
+
+def product_game(backend, enc: Encoded, i: int, mode: str, predicted: np.ndarray, embeds: np.ndarray | None = None):
+    """(value_fn, text player flags) of product i alone: for exact checks and the reference sampler."""
+    text_pos, n_img = _players(enc, i, mode, backend.num_image_embeds)
+
+    def value_fn(masks: np.ndarray) -> np.ndarray:
+        return evaluate_coalitions(backend, enc, [(i, text_pos, np.asarray(masks, bool))], mode, predicted, embeds)
+
+    return value_fn, np.arange(len(text_pos) + n_img) < len(text_pos)
+
+
+def predicted_classes(backend, enc: Encoded) -> np.ndarray:
+    return backend.multimodal_logits(enc.input_ids, enc.text_mask, enc.clip_pixels,
+                                     enc.image_mask(backend.num_image_embeds)).argmax(1)
+
+
+def explain(backend, enc: Encoded, *, budget: int = 64, mode: str = "pixel", seed: int = 0,
             predicted: np.ndarray | None = None) -> Contributions:
     """MM-SHAP for every product of `enc` in one pass of batched coalitions."""
     if mode not in ("token", "pixel"):
         raise ValueError(f"image mode must be token or pixel, not {mode!r}")
-    n_img_tokens = backend.num_image_embeds
     b = len(enc)
-    image_mask_full = enc.image_mask(n_img_tokens)
-    if predicted is None:
-        predicted = backend.multimodal_logits(enc.input_ids, enc.text_mask, enc.clip_pixels, image_mask_full).argmax(1)
-    embeds = backend.image_embeddings(enc) if mode == "token" else None
-
-    plans, rows = [], []
+    predicted = predicted_classes(backend, enc) if predicted is None else predicted
+    plans = []
     for i in range(b):
-        text_pos, n_img = _players(enc, i, mode, n_img_tokens)
+        text_pos, n_img = _players(enc, i, mode, backend.num_image_embeds)
         n = len(text_pos) + n_img
         masks = coalitions(n, budget, seed + i) if len(text_pos) and n_img else np.zeros((0, n), bool)
         plans.append((text_pos, n_img, masks))
-        rows.append(np.full(len(masks), i))
-    owner = np.concatenate(rows) if rows else np.zeros(0, int)
-
-    # build every coalition's model input, product by product, then run them as one batch
-    ids = enc.input_ids[owner]
-    tmask = enc.text_mask[owner].copy()
-    imask = image_mask_full[owner].copy()
-    pixel_keep = []
-    start = 0
-    for (text_pos, n_img, masks) in plans:
-        stop = start + len(masks)
-        if len(masks):
-            tmask[start:stop][:, text_pos] = masks[:, : len(text_pos)]
-            if mode == "token":
-                imask[start:stop] = masks[:, len(text_pos):]
-            else:
-                pixel_keep.append(_patch_masks(masks[:, len(text_pos):], enc.clip_pixels.shape[-1]))
-        start = stop
-    if len(owner) == 0:
-        logits = np.zeros((0, 1), np.float32)
-    elif mode == "token":
-        logits = backend.fusion_logits(ids, tmask, embeds[owner], imask)
-    else:
-        pixels = enc.clip_pixels[owner] * np.concatenate(pixel_keep)
-        logits = backend.multimodal_logits(ids, tmask, pixels, imask)
-    # float64: in float32 the log-probabilities of near-certain predictions lose the small
-    # differences between coalitions, and T-SHAP moved by 1e-3 with the batch size alone
-    values = log_softmax(logits.astype(np.float64))[np.arange(len(owner)), predicted[owner]] if len(owner) else np.zeros(0)
+    games = [(i, text_pos, masks) for i, (text_pos, _, masks) in enumerate(plans) if len(masks)]
+    values = evaluate_coalitions(backend, enc, games, mode, predicted)
 
     out = Contributions(np.zeros(b), np.zeros(b), np.zeros(b, int), np.zeros(b))
     start = 0

@@ -9,11 +9,10 @@ import numpy as np
 
 from pipeline.backend import InProcessBackend
 from pipeline.bundle import load_bundle
-from pipeline.explain import _players, explain
+from pipeline.explain import _players, explain, predicted_classes, product_game
 from pipeline.feed import read_feed
 from pipeline.mmshap import exact_shapley, mm_shap
 from pipeline.records import Product
-from pipeline.stacking import log_softmax
 
 
 def products_of(feed, n=None):
@@ -32,23 +31,12 @@ def test_batched_explain_equals_a_direct_computation(tiny_bundle):
     budget = 2 ** max(sizes)
     assert max(sizes) <= 16
     got = explain(backend, enc, budget=budget, mode="token")
-    embeds = backend.image_embeddings(enc)
-    pred = backend.multimodal_logits(enc.input_ids, enc.text_mask, enc.clip_pixels,
-                                     enc.image_mask(backend.num_image_embeds)).argmax(1)
+    pred = predicted_classes(backend, enc)
     for i in range(3):
-        text_pos, n_img = _players(enc, i, "token", backend.num_image_embeds)
-
-        def value(masks, i=i, text_pos=text_pos):
-            tm = np.repeat(enc.text_mask[i : i + 1], len(masks), 0)
-            tm[:, text_pos] = masks[:, : len(text_pos)]
-            logits = backend.fusion_logits(np.repeat(enc.input_ids[i : i + 1], len(masks), 0), tm,
-                                           np.repeat(embeds[i : i + 1], len(masks), 0), masks[:, len(text_pos):].astype(np.int64))
-            return log_softmax(logits)[:, pred[i]]
-
-        phi = exact_shapley(value, len(text_pos) + n_img)
-        t, v = mm_shap(phi, np.arange(len(phi)) < len(text_pos))
+        value, text = product_game(backend, enc, i, "token", pred)
+        t, v = mm_shap(exact_shapley(value, len(text)), text)
         assert abs(got.t_shap[i] - t) < 1e-6 and abs(got.v_shap[i] - v) < 1e-6
-        assert got.n_evaluations[i] == 2 ** (len(text_pos) + n_img) and got.stderr[i] == 0
+        assert got.n_evaluations[i] == 2 ** len(text) and got.stderr[i] == 0
 
 
 def test_image_classes_get_higher_v_shap_than_text_classes(tiny_bundle):
