@@ -61,7 +61,7 @@ def _tshap_by_category(path: Path, rows: list[dict]) -> str:
         by.setdefault(r["category"], []).append(r["t_shap"])
     cats = sorted(by, key=lambda c: -len(by[c]))[:30]
     fig, ax = plt.subplots(figsize=(8, max(2.5, 0.3 * len(cats))))
-    ax.boxplot([by[c] for c in cats][::-1], vert=False, labels=[c[:30] for c in cats][::-1])
+    ax.boxplot([by[c] for c in cats][::-1], orientation="horizontal", tick_labels=[c[:30] for c in cats][::-1])
     ax.axvline(0.5, color="grey", lw=0.8, ls="--")
     ax.set_xlim(0, 1)
     ax.set_title("T-SHAP per predicted category (1 = text only, 0 = image only)")
