@@ -62,3 +62,48 @@ def test_pixel_mode_and_missing_modalities(tiny_bundle):
     assert ((res.t_shap >= 0) & (res.t_shap <= 1)).all() and np.allclose(res.t_shap + res.v_shap, 1)
     assert res.t_shap[2] == 1.0 and res.t_shap[3] == 0.0  # only one modality: all of it
     assert res.n_evaluations[2] == res.n_evaluations[3] == 0 and (res.n_evaluations[:2] > 0).all()
+
+
+def _multimodal_on(tmp_path, name: str, kinds: list[str]):
+    """A tiny multimodal model trained on a catalogue whose classes all carry one modality."""
+    from pipeline.presets import get_preset
+    from pipeline.preprocess import encode_products
+    from pipeline.synthetic import make_catalogue
+    from pipeline.tokenizer import train_tokenizer
+    from train.crossfit import fold_backend
+    from train.trainer import fit
+
+    feed = make_catalogue(tmp_path / name, 160, len(kinds), seed=5, image_size=32, kinds=kinds)
+    products = products_of(feed)
+    labels = sorted({p.label for p in products})
+    preset = get_preset("tiny")
+    tok = train_tokenizer([p.text for p in products], preset["vocab_size"])
+    enc = encode_products(products, tok, preset)
+    y = np.array([labels.index(p.label) for p in products])
+    model, _ = fit("multimodal", preset, enc, y, len(labels), vocab_size=tok.vocab_size, seed=0)
+    return fold_backend({"multimodal": model}, tok, preset, labels, "cpu")
+
+
+def test_text_collapse_raises_the_flag(tmp_path):
+    """Trained where words decide every class, the multimodal model ignores images; fed products
+    with planted misleading text it follows the words, and the collapse flag goes up."""
+    from pipeline.collapse import collapse_metrics
+    from pipeline.synthetic import make_catalogue
+
+    def flags(backend, kinds, name, misleading):
+        feed = make_catalogue(tmp_path / name, 60, len(kinds), seed=9, class_seed=5, image_size=32, kinds=kinds,
+                              misleading_text=misleading)
+        products = products_of(feed)
+        enc = backend.encode(products)
+        res = explain(backend, enc, budget=96, mode="pixel")
+        pred = predicted_classes(backend, enc)
+        rows = collapse_metrics(res.t_shap, pred, {"text": pred, "image": pred, "multimodal": pred})
+        return {m: v for scope, m, v in rows if scope == "all"}
+
+    text_model = _multimodal_on(tmp_path, "words", ["text"] * 4)
+    collapsed = flags(text_model, ["text"] * 4, "planted", 0.5)
+    assert collapsed["flag_text_collapse"] == 1.0 and collapsed["text_dominated_share"] > 0.5
+
+    image_model = _multimodal_on(tmp_path, "pictures", ["image"] * 4)
+    healthy = flags(image_model, ["image"] * 4, "pictures-test", 0.5)
+    assert healthy["flag_text_collapse"] == 0.0 and healthy["mean_t_shap"] < collapsed["mean_t_shap"] - 0.3
