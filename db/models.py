@@ -44,6 +44,8 @@ class Run(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # last change of the row: with products.updated_at, how the sweeper tells a stalled run
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
 class Product(Base):
@@ -51,6 +53,7 @@ class Product(Base):
     __table_args__ = (
         UniqueConstraint("run_id", "product_id", name="uq_products_run_product"),
         Index("ix_products_run_status", "run_id", "status"),
+        Index("ix_products_run_updated", "run_id", "updated_at"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
@@ -65,11 +68,15 @@ class Product(Base):
     attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # pending -> done | failed (retryable) | dead (dead-lettered)
     status: Mapped[str] = mapped_column(String(16), default="pending")
+    # starts of the current stage that have not finished (workers/batches.py reads it to find poison)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
 
 
 class RejectRow(Base):
     __tablename__ = "rejects"
+    # one reject per feed row: a resumed ingest inserts nothing twice
+    __table_args__ = (Index("uq_rejects_run_row", "run_id", "row", unique=True),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     row: Mapped[int] = mapped_column(Integer)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, exists, func, select, update
 
 from db import models as m
 from db.store import load_products, product_pks, set_status, to_record, upsert
@@ -49,6 +49,17 @@ def infer_batch(factory, backend, model_version: str, pks: Sequence[int], *, bud
             for i, r in enumerate(rows)
         ], ["product_pk"])
     return len(rows)
+
+
+def uninferred(session, model_version: str, pks: Sequence[int]) -> list[int]:
+    """The products of pks that lack some of infer_batch's rows, in pks order (a redelivered batch skips the rest)."""
+    n_logits = dict(session.execute(
+        select(m.BaseLogits.product_pk, func.count())
+        .where(m.BaseLogits.product_pk.in_(pks), m.BaseLogits.model_version == model_version)
+        .group_by(m.BaseLogits.product_pk)).all())
+    explained = set(session.scalars(
+        select(m.ModalityContribution.product_pk).where(m.ModalityContribution.product_pk.in_(pks))))
+    return [pk for pk in pks if n_logits.get(pk, 0) < len(KINDS) or pk not in explained]
 
 
 def load_inferred(session, model_version: str, pks: Sequence[int]) -> tuple[list[int], Inferred]:
@@ -104,6 +115,8 @@ def aggregate_collapse(factory, run_id: int, thresholds: Thresholds, reference: 
     metrics = collapse_metrics(t.astype(float), cat, {"text": text, "image": image, "multimodal": mm},
                                thresholds, reference)
     with factory() as s, s.begin():
+        # concurrent aggregations of one run (a worker's and the periodic one) take turns on the run row
+        s.get(m.Run, run_id, with_for_update=True)
         s.execute(delete(m.CollapseMetric).where(m.CollapseMetric.run_id == run_id))
         s.execute(m.CollapseMetric.__table__.insert(),
                   [{"run_id": run_id, "scope": sc, "metric": k, "value": float(v)} for sc, k, v in metrics])
@@ -150,12 +163,23 @@ def start_run(factory, run_id: int, model_version: str, stacker: str) -> None:
                                                                  stacker=stacker))
 
 
-def finish_run(factory, run_id: int, timings: dict | None = None) -> None:
+def finish_run(factory, run_id: int, timings: dict | None = None, *, if_complete: bool = False) -> bool:
+    """Mark the run done; returns whether it was marked.
+
+    if_complete (the distributed mode, where any worker may be the last): only a run still
+    classifying with no pending product, checked and changed in one statement, so that a run
+    requeued meanwhile stays open.
+    """
     with factory() as s, s.begin():
+        q = update(m.Run).where(m.Run.id == run_id)
+        if if_complete:
+            pending = exists().where(m.Product.run_id == run_id, m.Product.status == "pending")
+            q = q.where(m.Run.status == "classifying", ~pending)
+        if not s.execute(q.values(status="done", finished_at=utcnow())).rowcount:
+            return False
         run = s.get(m.Run, run_id)
-        run.status = "done"
-        run.finished_at = utcnow()
         run.timings = {**(run.timings or {}), **(timings or {})}
+    return True
 
 
 def classify_run(factory, backend, stacker, labels, model_version: str, run_id: int, *, batch_size: int,

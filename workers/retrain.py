@@ -1,0 +1,87 @@
+"""Retraining from the database: the labelled products of past runs become a feed for train_bundle.
+
+train.crossfit reads feeds, and a feed may only point at images inside its own folder (the feed
+reader's rule against path escapes). Stored products hold absolute image paths, so the export
+hard-links each image beside the feed (copying when the bundle is on another filesystem).
+A product ingested in several runs is taken once, from its latest run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+log = logging.getLogger(__name__)
+
+
+def _labelled(runs: Sequence[int]):
+    from sqlalchemy import select
+
+    from db import models as m
+
+    q = select(m.Product).where(m.Product.label.is_not(None), m.Product.label != "")
+    if runs:
+        q = q.where(m.Product.run_id.in_(runs))
+    return q.order_by(m.Product.product_id, m.Product.id.desc())
+
+
+def count_labelled(factory, runs: Sequence[int]) -> int:
+    from sqlalchemy import func, select
+
+    with factory() as s:
+        return s.scalar(select(func.count()).select_from(_labelled(runs).order_by(None).subquery())) or 0
+
+
+def _place_image(src: str, images: Path, n: int) -> str | None:
+    if src.lower().startswith(("http://", "https://")):
+        return src
+    dst = images / f"{n}{Path(src).suffix.lower()}"
+    try:
+        os.link(src, dst)
+    except FileExistsError:
+        pass
+    except OSError:
+        try:
+            shutil.copyfile(src, dst)
+        except OSError as exc:
+            log.warning("image %s unreadable, product exported without it: %s", src, exc)
+            return None
+    return f"images/{dst.name}"
+
+
+def export_feed(factory, runs: Sequence[int], folder: str | Path) -> tuple[Path, int]:
+    """Write folder/feed.jsonl (+ folder/images/); returns the feed and its number of products."""
+    folder = Path(folder)
+    shutil.rmtree(folder, ignore_errors=True)
+    (folder / "images").mkdir(parents=True)
+    feed, n, last = folder / "feed.jsonl", 0, None
+    with factory() as s, open(feed, "w") as fh:
+        for p in s.scalars(_labelled(runs).execution_options(yield_per=1000)):
+            if p.product_id == last:  # an older row of a product already written
+                continue
+            last = p.product_id
+            image = _place_image(p.image, folder / "images", n) if p.image else None
+            row = {**(p.attributes or {}), "product_id": p.product_id, "title": p.title,
+                   "description": p.description, "image": image, "category": p.label, "group_id": p.group_id}
+            fh.write(json.dumps(row) + "\n")
+            n += 1
+    return feed, n
+
+
+def retrain(factory, settings, out: str, runs: Sequence[int], config: dict, log_fn=log.info) -> dict:
+    """Export, train a bundle into out, register it as a model version; returns its manifest."""
+    from db.store import register_model
+    from train.crossfit import TrainConfig, train_bundle
+
+    feed, n = export_feed(factory, runs, Path(out) / ".export")
+    if not n:
+        raise ValueError(f"no labelled products in {'runs ' + ', '.join(map(str, runs)) if runs else 'the database'}")
+    log_fn(f"exported {n} labelled products to {feed}")
+    manifest = train_bundle(feed, out, TrainConfig(**config, device=settings.device), settings.limits(), log=log_fn)
+    with factory() as s, s.begin():
+        register_model(s, {**manifest, "bundle_id": manifest["content_hash"][:16]}, str(Path(out).resolve()))
+    return manifest
