@@ -30,6 +30,21 @@ from pipeline.preprocess import Encoded
 from pipeline.stacking import log_softmax
 
 
+DEFAULT_BUDGET = 128
+DEFAULT_MODE = "pixel"  # the reference's players; token mode is cheaper but under-counts the image (docs/mmshap.md)
+
+
+def mmshap_config(manifest: dict, budget: int | None = None, mode: str | None = None) -> tuple[int, str]:
+    """(budget, image mode): as the bundle's stackers were trained, unless the caller asks otherwise.
+
+    The stackers take T-SHAP as an input, so classifying with the budget and mode they were
+    trained with keeps that input's distribution (its noise level) the same.
+    """
+    trained = manifest.get("extra", {}).get("mmshap", {})
+    return (trained.get("budget", DEFAULT_BUDGET) if budget is None else budget,
+            mode or trained.get("mode", DEFAULT_MODE))
+
+
 @dataclass
 class Contributions:
     t_shap: np.ndarray  # (B,)

@@ -179,6 +179,8 @@ def parse_row(row: int, cells: dict[str, Any], root: Path, limits: Limits) -> Pr
                 digest = check_image(image, limits)
         except ImageError as exc:
             return Reject(row, raw_id, str(exc))
+        except Exception as exc:  # noqa: BLE001 - e.g. http.client.InvalidURL: one row, not the feed
+            return Reject(row, raw_id, f"image unreadable: {type(exc).__name__}")
 
     if not (title or description or image):
         return Reject(row, raw_id, "nothing usable: no title, no description, no image")

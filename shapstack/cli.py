@@ -11,8 +11,6 @@ import click
 
 from shapstack.settings import Settings, load_settings
 
-DEFAULT_MMSHAP_BUDGET = 128
-DEFAULT_MMSHAP_MODE = "pixel"  # docs/mmshap.md: token mode is cheaper but its few image players under-count images
 # `shapstack demo`: sized to finish in minutes on 2 CPU cores
 DEMO = dict(products=900, classes=8, image_size=64, misleading_text=0.05, drop=0.03, folds=1, epochs=None,
             test_fraction=0.25, mmshap_budget=64)
@@ -208,14 +206,15 @@ def train(ctx: click.Context, feed: str, out: str, preset: str, label_column: st
           min_class_size: int, folds: int, seed: int, epochs: int | None, test_fraction: float,
           mmshap_budget: int | None, tokenizer: str | None, device: str | None) -> None:
     """Train the three base models and every stacker into a model bundle (resumable)."""
+    from pipeline.explain import DEFAULT_BUDGET, DEFAULT_MODE
     from train.crossfit import TrainConfig, train_bundle
 
     settings = settings_of(ctx, device=device)
     cfg = TrainConfig(preset=preset, label_column=label_column, group_column=group_column,
                       min_class_size=min_class_size, folds=folds, seed=seed, epochs=epochs, device=settings.device,
                       test_fraction=test_fraction,
-                      mmshap_budget=DEFAULT_MMSHAP_BUDGET if mmshap_budget is None else mmshap_budget,
-                      mmshap_mode=settings.mmshap_image_mode or DEFAULT_MMSHAP_MODE, tokenizer=tokenizer)
+                      mmshap_budget=DEFAULT_BUDGET if mmshap_budget is None else mmshap_budget,
+                      mmshap_mode=settings.mmshap_image_mode or DEFAULT_MODE, tokenizer=tokenizer)
     _check_feed(feed)
     train_bundle(feed, out, cfg, settings.limits(), log=click.echo)
 
@@ -253,13 +252,6 @@ def make_backend(settings: Settings, bundle):
     return InProcessBackend(bundle, device=settings.device, batch_size=settings.batch_size, limits=settings.limits())
 
 
-def mmshap_config(settings: Settings, bundle) -> tuple[int, str]:
-    """(budget, image mode): as the stackers were trained, unless the user asks for others."""
-    trained = bundle.manifest.get("extra", {}).get("mmshap", {})
-    budget = settings.mmshap_budget if settings.mmshap_budget is not None else trained.get("budget", DEFAULT_MMSHAP_BUDGET)
-    return budget, settings.mmshap_image_mode or trained.get("mode", DEFAULT_MMSHAP_MODE)
-
-
 def load_stacker(bundle, name: str):
     from pipeline.stacking import KINDS, load_stackers, make_stacker
 
@@ -277,6 +269,7 @@ def classify_feed(settings: Settings, feed: str, *, stacker_name: str, split: st
     from db.runs import classify_run, export, output_rows
     from db.store import ingest_feed, register_model
     from pipeline.bundle import load_bundle
+    from pipeline.explain import mmshap_config
     from pipeline.split import keep
 
     _check_feed(feed)
@@ -298,7 +291,7 @@ def classify_feed(settings: Settings, feed: str, *, stacker_name: str, split: st
         run_id = ingest_feed(factory, feed, settings.limits(), batch_size=settings.ingest_batch_size,
                              progress=bar.update, select_product=select)
     print_ingest_summary(factory, run_id)
-    budget, mode = mmshap_config(settings, bundle)
+    budget, mode = mmshap_config(bundle.manifest, settings.mmshap_budget, settings.mmshap_image_mode)
     with _progress("classify", unit=" products") as bar:
         timings = classify_run(factory, backend, stacker, bundle.labels, version, run_id,
                                batch_size=settings.batch_size, budget=budget,

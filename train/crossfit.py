@@ -27,6 +27,7 @@ from sklearn.model_selection import GroupShuffleSplit, StratifiedGroupKFold
 
 from pipeline.bundle import Bundle, save_bundle
 from pipeline.collapse import reference_means
+from pipeline.explain import DEFAULT_BUDGET, DEFAULT_MODE
 from pipeline.feed import read_feed
 from pipeline.models import KINDS, create_model
 from pipeline.preprocess import Encoded, encode_products
@@ -51,8 +52,8 @@ class TrainConfig:
     epochs: int | None = None
     device: str = "auto"
     test_fraction: float = 0.0  # > 0: hold out this share of groups for evaluate/classify --split test
-    mmshap_budget: int = 128
-    mmshap_mode: str = "pixel"
+    mmshap_budget: int = DEFAULT_BUDGET
+    mmshap_mode: str = DEFAULT_MODE
     tokenizer: str | None = None  # a local pretrained tokenizer; default: train WordPiece on the feed
     checkpoints: dict | None = None  # kind -> local checkpoint
     stackers: tuple[str, ...] = STACKERS

@@ -92,6 +92,7 @@ def evaluate_bundle(feed, bundle_path, *, split: str | None = None, report: Path
 
     from pipeline.backend import InProcessBackend
     from pipeline.bundle import load_bundle
+    from pipeline.explain import mmshap_config
     from pipeline.feed import batched
     from pipeline.records import Limits
     from pipeline.runner import infer
@@ -110,8 +111,7 @@ def evaluate_bundle(feed, bundle_path, *, split: str | None = None, report: Path
     if not products:
         raise ValueError("no labelled products of the bundle's classes in this feed")
     y = np.array([index[label_of(p, cfg.label_column)] for p in products])
-    budget = extra.get("mmshap", {}).get("budget", 128) if budget is None else budget
-    mode = extra.get("mmshap", {}).get("mode", "pixel")
+    budget, mode = mmshap_config(bundle.manifest, budget)
     backend = InProcessBackend(bundle, device=device, batch_size=batch_size, limits=limits)
     started = time.perf_counter()
     parts = [infer(backend, chunk, budget=budget, mode=mode) for chunk in batched(products, batch_size)]

@@ -144,14 +144,13 @@ def stacker_names(path: str) -> set[str]:
 def mmshap_config(path: str) -> tuple[int, str]:
     """(budget, image mode) of MM-SHAP: the settings', else as the bundle's stackers were trained.
 
-    The very rule `shapstack classify` applies (shapstack.cli.mmshap_config), so that a run gives
-    the same contributions in either mode.
+    The very rule `shapstack classify` applies, so that a run gives the same contributions in
+    either mode.
     """
-    from types import SimpleNamespace
+    from pipeline.explain import mmshap_config as resolve
 
-    from shapstack.cli import mmshap_config as resolve
-
-    return resolve(settings(), SimpleNamespace(manifest=manifest(path)))
+    s = settings()
+    return resolve(manifest(path), s.mmshap_budget, s.mmshap_image_mode)
 
 
 def t_shap_reference(path: str) -> dict | None:
