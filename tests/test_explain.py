@@ -44,7 +44,7 @@ def test_image_classes_get_higher_v_shap_than_text_classes(tiny_bundle):
     feed, path = tiny_bundle
     kinds = json.loads((feed.parent / "classes.json").read_text())
     backend = InProcessBackend(load_bundle(path))
-    products = [p for p in products_of(feed) if p.has_text and p.has_image][:90]
+    products = [p for p in products_of(feed) if p.has_text and p.has_image][:60]
     res = explain(backend, backend.encode(products), budget=256, mode="pixel", seed=0)
     kind = np.array([kinds[p.label] for p in products])
     v_image, v_text = res.v_shap[kind == "image"].mean(), res.v_shap[kind == "text"].mean()
