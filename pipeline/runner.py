@@ -14,7 +14,7 @@ import numpy as np
 
 from pipeline.explain import Contributions, explain
 from pipeline.records import Product
-from pipeline.stacking import KINDS, StackInputs, Stacker, softmax
+from pipeline.stacking import KINDS, StackInputs, Stacker
 
 
 @dataclass
@@ -78,6 +78,3 @@ def stack(stacker: Stacker, inferred: Inferred, labels: Sequence[str]) -> list[d
         for i in range(len(best))
     ]
 
-
-def probabilities(logits: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return {k: softmax(v) for k, v in logits.items()}

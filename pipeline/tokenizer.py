@@ -12,7 +12,7 @@ from typing import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer as _Tokenizer
-from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import decoders, models, normalizers, pre_tokenizers
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from pipeline.collapse import reference_means
 from pipeline.explain import DEFAULT_BUDGET, DEFAULT_MODE
 from pipeline.feed import read_feed
 from pipeline.models import KINDS, create_model
-from pipeline.preprocess import Encoded, encode_products
+from pipeline.preprocess import encode_products
 from pipeline.presets import get_preset
 from pipeline.records import Limits, Product
 from pipeline.runner import infer
