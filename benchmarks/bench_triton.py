@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,20 +36,7 @@ from pipeline.synthetic import make_catalogue  # noqa: E402
 from pipeline.tokenizer import train_tokenizer  # noqa: E402
 from serving.client import TritonBackend  # noqa: E402
 from serving.export import export_repository  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/v2/health/ready", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
+from serving.local import serve_subprocess  # noqa: E402
 
 
 def best_rate(backend, products: list[Product], budget: int, repeats: int) -> float:
@@ -69,26 +52,12 @@ def best_rate(backend, products: list[Product], budget: int, repeats: int) -> fl
 @contextmanager
 def server(source: list[str], threads: int, log: Path):
     """`shapstack serve` on free ports; yields (http URL, grpc URL)."""
-    ports = [free_port() for _ in range(3)]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "shapstack", "serve", *source, "--device", "cpu",
-                                 "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
-                                 "--metrics-port", str(ports[2])],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while not ready(f"http://127.0.0.1:{ports[0]}"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                sys.exit(f"server did not start; see {log}")
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{ports[0]}", f"grpc://127.0.0.1:{ports[1]}"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        with serve_subprocess([*source, "--device", "cpu"], log, timeout_s=180,
+                              env={**os.environ, "OMP_NUM_THREADS": str(threads)}) as urls:
+            yield urls["http"], urls["grpc"]
+    except RuntimeError as exc:
+        sys.exit(f"server did not start: {exc}")
 
 
 def main() -> None:

@@ -6,13 +6,7 @@ backend over HTTP and gRPC, MM-SHAP coalition batches included.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -32,11 +26,11 @@ from pipeline.synthetic import make_catalogue
 from pipeline.tokenizer import train_tokenizer
 from serving.client import TritonBackend, TritonMismatch, TritonUnavailable
 from serving.export import SIDECAR, max_abs_diff, vocab_size
+from serving.local import free_port, http_ok, serve_subprocess
 from serving.signatures import TRITON_DTYPES, signatures
 from shapstack.cli import load_extensions, make_backend
 from shapstack.settings import Settings
 
-REPO = Path(__file__).resolve().parents[1]
 ATOL = 1e-4
 
 try:
@@ -46,12 +40,6 @@ try:
 except Exception as exc:  # noqa: BLE001 - any import failure means no local server
     PYTRITON = f"nvidia-pytriton cannot be imported: {exc}"
 needs_pytriton = pytest.mark.skipif(PYTRITON is not None, reason=PYTRITON or "")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_bundle(path: Path, labels: list[str], texts: list[str], kinds=KINDS) -> Path:
@@ -99,28 +87,11 @@ def repo(tmp_path_factory, bundle_dir) -> Path:
 @contextmanager
 def triton_server(source: list[str], log: Path):
     """`shapstack serve` in a subprocess on free ports, ready; always stopped at the end."""
-    ports = {k: free_port() for k in ("http", "grpc", "metrics")}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shapstack", "serve", *source, "--max-batch-size", "64", "--device", "cpu",
-             "--http-port", str(ports["http"]), "--grpc-port", str(ports["grpc"]),
-             "--metrics-port", str(ports["metrics"])],
-            cwd=REPO, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 120
-        while not _ok(f"http://127.0.0.1:{ports['http']}/v2/health/ready"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"Triton did not become ready (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield {"http": f"http://127.0.0.1:{ports['http']}", "grpc": f"grpc://127.0.0.1:{ports['grpc']}",
-               "metrics": f"http://127.0.0.1:{ports['metrics']}"}
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        with serve_subprocess([*source, "--max-batch-size", "64", "--device", "cpu"], log) as urls:
+            yield urls
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 @pytest.fixture(scope="module")
@@ -128,14 +99,6 @@ def server(tmp_path_factory, bundle_dir):
     """The bundle's torch models behind Triton."""
     with triton_server(["--bundle", str(bundle_dir)], tmp_path_factory.mktemp("server") / "serve.log") as urls:
         yield urls
-
-
-def _ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 # ---------------------------------------------------------------------------------- export
@@ -179,8 +142,8 @@ def test_server_health_and_models_match_export(server, repo, bundle):
     import tritonclient.http as tc
 
     for path in ("/v2/health/live", "/v2/health/ready"):
-        assert _ok(server["http"] + path)
-    assert _ok(server["metrics"] + "/metrics")
+        assert http_ok(server["http"] + path)
+    assert http_ok(server["metrics"] + "/metrics")
     client = tc.InferenceServerClient(server["http"].removeprefix("http://"))
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
