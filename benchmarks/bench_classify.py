@@ -19,17 +19,17 @@ from pathlib import Path
 
 
 def one(bundle: str, feed: str, budget: int, mode: str, split: str) -> dict:
-    from shapstack.cli import classify_feed
+    from db.engine import connect
+    from db.models import Run
+    from jobs.classify import classify_feed
     from shapstack.settings import load_settings
 
     db = Path(tempfile.mkdtemp()) / "bench.db"
     settings = load_settings(env={}, database_url=f"sqlite:///{db}", bundle=bundle, mmshap_budget=budget,
                              mmshap_image_mode=mode)
     started = time.perf_counter()
-    run_id = classify_feed(settings, feed, stacker_name="mmshap", split=split, out=None, echo=lambda *_: None)
+    run_id, _ = classify_feed(connect(settings.database_url), settings, feed, split=split)
     wall = time.perf_counter() - started
-    from db.engine import connect
-    from db.models import Run
 
     with connect(settings.database_url)() as s:
         run = s.get(Run, run_id)

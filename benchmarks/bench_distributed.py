@@ -4,11 +4,11 @@ Same bundle, same feed, same MM-SHAP budget and batch size, all on this machine.
 one feed from ingest to the run marked done, after a warm-up run (models loaded, caches hot), and
 is the best of --repeat runs (the machine is shared: other jobs come and go).
 
-- embedded: db.store.ingest_feed + db.runs.classify_run in this process on SQLite, as
+- embedded: jobs.ingest.ingest_feed + jobs.classify.classify_run in this process on SQLite, as
   `shapstack classify` runs them; with torch's default thread count (one per core), and with one.
 - distributed: N `shapstack worker --queues infer` processes (one torch thread each) and one
   `--queues ingest,stack` worker over Redis and PostgreSQL; the feed is sent with
-  `shapstack ingest --distributed` and timed from the run's created_at to its finished_at (the
+  `shapstack classify --distributed` and timed from the run's created_at to its finished_at (the
   sending command's own start-up is not the workers' throughput).
 
     .venv/bin/python benchmarks/bench_distributed.py --preset small --products 1000
@@ -36,7 +36,8 @@ REDIS = os.environ.get("SHAPSTACK_TEST_REDIS_URL", "redis://127.0.0.1:6379/0").r
 def prepare(work: Path, preset: str, products: int) -> tuple[Path, Path, Path]:
     """(bundle, warm-up feed, measured feed); the bundle is trained once and kept in work."""
     from pipeline.synthetic import make_catalogue
-    from train.crossfit import TrainConfig, train_bundle
+    from train.data import TrainConfig
+    from train.train_bundle import train_bundle
 
     bundle = work / f"bundle-{preset}"
     if not (bundle / "manifest.json").exists():
@@ -54,28 +55,30 @@ def embedded(url: str, bundle: Path, feeds: list[Path], budget: int, mode: str, 
     import torch
 
     from db.engine import connect
-    from db.runs import classify_run
-    from db.store import ingest_feed, register_model
+    from db.runs import register_model
+    from jobs.classify import classify_run
+    from jobs.ingest import ingest_feed
     from pipeline.backend import InProcessBackend
     from pipeline.bundle import load_bundle
     from pipeline.collapse import Thresholds
+    from pipeline.mmshap import MMShapConfig
     from pipeline.records import Limits
-    from pipeline.stacking import load_stackers
+    from pipeline.stackers import load_stackers
 
     if threads:
         torch.set_num_threads(threads)
     factory = connect(url)
     b = load_bundle(bundle, device="cpu")
     with factory() as s, s.begin():
-        version = register_model(s, {**b.manifest, "bundle_id": b.bundle_id}, str(bundle))
+        version = register_model(s, b.bundle_id, b.manifest, str(bundle))
     backend = InProcessBackend(b, device="cpu", batch_size=batch)
     stacker = load_stackers(bundle, ["mmshap"])["mmshap"]
     times = []
     for feed in feeds:
         t0 = time.perf_counter()
         run = ingest_feed(factory, feed, Limits())
-        classify_run(factory, backend, stacker, b.labels, version, run, batch_size=batch, budget=budget, mode=mode,
-                     thresholds=Thresholds(0.5, 0.5, 0.15, 20))
+        classify_run(factory, backend, stacker, b.labels, version, run, batch_size=batch,
+                     mmshap=MMShapConfig(mode=mode, budget=budget), thresholds=Thresholds())
         times.append(time.perf_counter() - t0)
     return min(times[1:])
 
@@ -103,9 +106,9 @@ def distributed(work: Path, url: str, bundle: Path, feeds: list[Path], budget: i
         engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
         times = []
         for feed in feeds:
-            r = subprocess.run([*shapstack, "ingest", str(feed), "--distributed"], env=env, capture_output=True,
-                               text=True, check=True)
-            run = int(r.stdout.split()[1].rstrip(":"))
+            r = subprocess.run([*shapstack, "classify", str(feed), "--distributed", "--json"], env=env,
+                               capture_output=True, text=True, check=True)
+            run = json.loads(r.stdout)["run"]
             while True:
                 with engine.connect() as conn:
                     status, seconds = conn.execute(text(

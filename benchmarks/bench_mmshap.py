@@ -1,17 +1,26 @@
-"""MM-SHAP cost and accuracy per product: our batched estimator against the reference procedure.
+"""MM-SHAP per product on a trained bundle: T-SHAP error and wall time, ours against the reference.
 
-Reference (Parcalabescu & Frank's MM-SHAP code): 10 antithetic permutations, one forward pass per
-coalition (batch size 1), so 2 * 10 * (n + 1) passes per product. Ours: estimate_shapley at a
-fixed budget, coalitions of all products in shared batches. Both are scored by the absolute error
-of T-SHAP against a 20,000-evaluation estimate of the same product (our estimator; its stderr is
-printed so the yardstick's own noise is visible).
+For each image mode, the first --products products with --min-players..--max-players players and
+both modalities are explained:
 
-    .venv/bin/python benchmarks/bench_mmshap.py --bundle BUNDLE --feed FEED [--products 8]
+- yardstick: estimate_mm_shap with >= --truth coalitions (its own stderr is printed);
+- reference (Parcalabescu & Frank's MM-SHAP code, shap's PermutationExplainer): 10 antithetic
+  permutations, plug-in |phi|, 20(n + 1) coalitions. Its T-SHAP is computed with batched calls
+  (--seeds seeds; a coalition's value does not depend on its batch), and its wall time is timed
+  once per product as the reference runs it: one forward pass per coalition;
+- ours: estimate_mm_shap at fixed budgets (fractions of the reference's count) and at the
+  default policy (target stderr 0.03, cap 4000), --seeds seeds each, timed as pipeline/mmshap.py
+  runs it (batched calls of up to 512 coalitions).
+
+RMSE is over products x seeds against the yardstick. Every coalition runs in float32 on the CPU.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_mmshap.py --bundle BUNDLE --feed FEED [--products 6]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import numpy as np
@@ -19,52 +28,99 @@ import torch
 
 from pipeline.backend import InProcessBackend
 from pipeline.bundle import load_bundle
-from pipeline.explain import explain, predicted_classes, product_game
 from pipeline.feed import read_feed
-from pipeline.mmshap import mm_shap, reference_permutation_shapley
+from pipeline.mmshap import DEFAULT_CAP, DEFAULT_TARGET_STDERR, predicted_classes, product_game
 from pipeline.records import Product
+from pipeline.shapley import estimate_mm_shap, mm_shap, reference_permutation_shapley
+
+
+def one_at_a_time(value_fn):
+    """The reference's cost model: every coalition is its own forward pass."""
+    return lambda masks: np.concatenate([value_fn(m[None]) for m in masks])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--feed", required=True)
-    ap.add_argument("--products", type=int, default=8)
-    ap.add_argument("--budgets", default="64,128,256,512")
+    ap.add_argument("--products", type=int, default=6)
+    ap.add_argument("--min-players", type=int, default=60)
+    ap.add_argument("--max-players", type=int, default=240)
+    ap.add_argument("--fractions", default="0.1,0.2,0.5,1", help="our fixed budgets, as fractions of 20(n + 1)")
+    ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--truth", type=int, default=20_000)
-    ap.add_argument("--modes", default="token,pixel")
+    ap.add_argument("--modes", default="pixel,token")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     backend = InProcessBackend(load_bundle(args.bundle, device="cpu"), device="cpu", batch_size=256)
     products = [p for p in read_feed(args.feed) if isinstance(p, Product) and p.has_text and p.has_image]
-    products = products[:: max(1, len(products) // args.products)][: args.products]
-    enc = backend.encode(products)
-    pred = predicted_classes(backend, enc)
-    print(f"{len(products)} products, bundle {args.bundle}, {args.threads} threads")
-    print(f"{'mode':<6} {'method':<22} {'evals/product':>14} {'s/product':>10} {'|T err| mean':>13} {'max':>7}")
+    fractions = [float(f) for f in args.fractions.split(",")]
     for mode in args.modes.split(","):
-        truth = explain(backend, enc, budget=args.truth, mode=mode, predicted=pred)
-        print(f"{mode:<6} {'truth (20k evals)':<22} {int(truth.n_evaluations.mean()):>14} {'':>10} "
-              f"{'stderr':>13} {truth.stderr.mean():7.4f}")
-        # the reference: one forward pass per coalition
-        errs, evals, started = [], [], time.perf_counter()
-        one = InProcessBackend(backend.bundle, device="cpu", batch_size=1)
-        for i in range(len(products)):
-            value, text = product_game(one, enc, i, mode, pred)
-            phi, n_eval = reference_permutation_shapley(value, len(text), n_permutations=10, seed=i)
-            errs.append(abs(mm_shap(phi, text)[0] - truth.t_shap[i]))
-            evals.append(n_eval)
-        wall = (time.perf_counter() - started) / len(products)
-        print(f"{mode:<6} {'reference 10 perm':<22} {int(np.mean(evals)):>14} {wall:10.3f} {np.mean(errs):13.4f} {np.max(errs):7.4f}")
-        for budget in map(int, args.budgets.split(",")):
-            started = time.perf_counter()
-            res = explain(backend, enc, budget=budget, mode=mode, predicted=pred, seed=1)
-            wall = (time.perf_counter() - started) / len(products)
-            err = np.abs(res.t_shap - truth.t_shap)
-            print(f"{mode:<6} {f'ours, budget {budget}':<22} {int(res.n_evaluations.mean()):>14} {wall:10.3f} "
-                  f"{err.mean():13.4f} {err.max():7.4f}")
+        chosen, n_players = [], []
+        for start in range(0, len(products), 64):
+            enc = backend.encode(products[start : start + 64])
+            pred = predicted_classes(backend, enc)
+            for i in range(len(enc)):
+                value_fn, text = product_game(backend, enc, i, mode, pred)
+                if args.min_players <= len(text) <= args.max_players:
+                    chosen.append((value_fn, text))
+                    n_players.append(len(text))
+                if len(chosen) == args.products:
+                    break
+            if len(chosen) == args.products:
+                break
+        rows: dict[str, list] = {}
+        truth_se = []
+        for k, (value_fn, text) in enumerate(chosen):
+            n = len(text)
+            ref = 20 * (n + 1)
+            truth = estimate_mm_shap(value_fn, text, args.truth, seed=10_000 + k)
+            truth_se.append(truth.stderr)
+
+            def add(name, t, se, evals, seconds):
+                rows.setdefault(name, []).append((t - truth.t_shap, se, evals / ref, evals, seconds))
+
+            t0 = time.perf_counter()
+            phi, evals = reference_permutation_shapley(one_at_a_time(value_fn), n, n_permutations=10, seed=0)
+            ref_s = time.perf_counter() - t0
+            for s in range(args.seeds):
+                phi, evals = reference_permutation_shapley(value_fn, n, n_permutations=10, seed=s)
+                add("reference: 10 antithetic permutations, 1 coalition per pass", mm_shap(phi, text)[0], np.nan,
+                    evals, ref_s)
+            policies = [(f"ours, budget {f:g}x", int(f * ref), None) for f in fractions]
+            policies.append((f"ours, default: target {DEFAULT_TARGET_STDERR:g}, cap {DEFAULT_CAP}", DEFAULT_CAP,
+                             DEFAULT_TARGET_STDERR))
+            for name, budget, target in policies:
+                for s in range(args.seeds):
+                    t0 = time.perf_counter()
+                    e = estimate_mm_shap(value_fn, text, budget, seed=s, target_stderr=target)
+                    seconds = time.perf_counter() - t0
+                    add(name, np.nan if e.t_shap is None else e.t_shap, np.nan if e.stderr is None else e.stderr,
+                        e.n_evaluations, seconds)
+            print(f"  {mode} product {k}: n = {n}, yardstick T-SHAP {truth.t_shap:.4f} +- {truth.stderr:.4f} "
+                  f"({truth.n_evaluations} coalitions), reference {ref_s:.1f} s", flush=True)
+            table(mode, rows, n_players[: k + 1], truth_se, args.seeds)
+
+
+def table(mode: str, rows: dict, n_players: list, truth_se: list, seeds: int) -> None:
+    """The rows so far (printed after every product, so that a cut-short run still reports)."""
+    print("| mode | method | players (mean) | coalitions / product | evals / reference | T-SHAP RMSE "
+          "| RMSE / reference's | coverage +-2 stderr | wall s / product | speed-up vs reference |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    ref_rows = np.array(rows[next(iter(rows))], float)
+    ref_rmse, ref_s = math.sqrt(np.nanmean(ref_rows[:, 0] ** 2)), ref_rows[:, 4].mean()
+    for name, values in rows.items():
+        err, se, frac, evals, seconds = np.array(values, float).T
+        ok = ~np.isnan(err)
+        rmse = math.sqrt(np.mean(err[ok] ** 2)) if ok.any() else float("nan")
+        cover = f"{np.mean(np.abs(err[ok]) <= 2 * se[ok]):.2f}" if ok.any() and not np.isnan(se).all() else "-"
+        speed = f"{ref_s / seconds.mean():.0f}x" if not name.startswith("reference") else "1x"
+        print(f"| {mode} | {name} | {np.mean(n_players):.0f} | {evals.mean():.0f} | {frac.mean():.2f} | {rmse:.4f} | "
+              f"{rmse / ref_rmse:.2f} | {cover} | {seconds.mean():.2f} | {speed} |" + ("" if ok.all() else f" ({(~ok).sum()} NULL)"))
+    print(f"  {mode}: {len(n_players)} products, players {min(n_players)}-{max(n_players)}, {seeds} seeds, "
+          f"yardstick stderr median {np.median(truth_se):.4f}", flush=True)
 
 
 if __name__ == "__main__":

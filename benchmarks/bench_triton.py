@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_triton.py --preset small --products 200 --budget 32 --threads 1
 
-Products per second of pipeline.runner.infer (preprocessing, the three base models and, with a
+Products per second of pipeline.inference.infer (preprocessing, the three base models and, with a
 budget, token-mode MM-SHAP) on a synthetic catalogue, with untrained models of the preset
 (throughput does not depend on the weights). The servers are `shapstack serve` in a subprocess on
 the same machine, on the bundle (torch) and on its `export-triton` repository (ONNX Runtime), so
@@ -31,7 +31,8 @@ from pipeline.feed import read_feed  # noqa: E402
 from pipeline.models import KINDS, create_model  # noqa: E402
 from pipeline.presets import get_preset  # noqa: E402
 from pipeline.records import Product  # noqa: E402
-from pipeline.runner import infer  # noqa: E402
+from pipeline.inference import infer  # noqa: E402
+from pipeline.mmshap import MMShapConfig  # noqa: E402
 from pipeline.synthetic import make_catalogue  # noqa: E402
 from pipeline.tokenizer import train_tokenizer  # noqa: E402
 from serving.client import TritonBackend  # noqa: E402
@@ -40,11 +41,12 @@ from serving.local import serve_subprocess  # noqa: E402
 
 
 def best_rate(backend, products: list[Product], budget: int, repeats: int) -> float:
-    infer(backend, products[:8], budget=budget)  # warm-up
+    config = MMShapConfig(mode="token", budget=budget)
+    infer(backend, products[:8], config, seed_key="bench")  # warm-up
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        infer(backend, products, budget=budget)
+        infer(backend, products, config, seed_key="bench")
         best = min(best, time.perf_counter() - start)
     return len(products) / best
 

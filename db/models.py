@@ -7,6 +7,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -28,24 +30,35 @@ class Base(DeclarativeBase):
 
 
 class Run(Base):
-    """One ingested feed. Counts are a cache; `db.store.run_progress` derives the truth."""
+    """One ingested feed. Counts are a cache; `db.progress.run_progress` derives the truth."""
 
     __tablename__ = "runs"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     feed: Mapped[str] = mapped_column(Text)
     mode: Mapped[str] = mapped_column(String(16), default="embedded")
-    status: Mapped[str] = mapped_column(String(16), default="ingesting")
+    # ingesting | ingested | classifying | done | done_with_failures | failed
+    status: Mapped[str] = mapped_column(String(32), default="ingesting")
     bundle_id: Mapped[str | None] = mapped_column(String(80))
     stacker: Mapped[str | None] = mapped_column(String(32))
     n_rows: Mapped[int] = mapped_column(Integer, default=0)
     n_products: Mapped[int] = mapped_column(Integer, default=0)
     n_rejects: Mapped[int] = mapped_column(Integer, default=0)
     timings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # what classify was asked for: mmshap_budget, mmshap_mode, split (the workers of a distributed run read it)
+    options: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # last change of the row: with products.updated_at, how the sweeper tells a stalled run
-    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    # last change of the row, in the database's time (never a worker's clock)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=func.now(),
+                                                        onupdate=func.now())
+    # the ingest worker holding the run, until when (db.claims); ingest starts not finished
+    claimed_by: Mapped[str | None] = mapped_column(String(160))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # failures to load what the run needs (bundle, stacker, Triton), counted while identical
+    setup_failures: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    setup_error: Mapped[str | None] = mapped_column(Text)
 
 
 class Product(Base):
@@ -54,6 +67,7 @@ class Product(Base):
         UniqueConstraint("run_id", "product_id", name="uq_products_run_product"),
         Index("ix_products_run_status", "run_id", "status"),
         Index("ix_products_run_updated", "run_id", "updated_at"),
+        Index("ix_products_claimed_by", "claimed_by"),
     )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
@@ -68,9 +82,15 @@ class Product(Base):
     attributes: Mapped[dict[str, Any]] = mapped_column(default=dict)
     # pending -> done | failed (retryable) | dead (dead-lettered)
     status: Mapped[str] = mapped_column(String(16), default="pending")
-    # starts of the current stage that have not finished (workers/batches.py reads it to find poison)
+    # starts of the current stage that have not finished (workers/poison.py reads it to find poison)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), default=func.now(),
+                                                        onupdate=func.now())
+    # the worker process holding the product in its current stage, until when (db.claims)
+    claimed_by: Mapped[str | None] = mapped_column(String(160))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # workers on which the product alone raised, space-separated (parked once two differ)
+    failed_on: Mapped[str | None] = mapped_column(Text)
 
 
 class RejectRow(Base):
@@ -82,6 +102,8 @@ class RejectRow(Base):
     row: Mapped[int] = mapped_column(Integer)
     raw_id: Mapped[str | None] = mapped_column(String(256))
     reason: Mapped[str] = mapped_column(Text)
+    # the rule the row broke, a short stable name (pipeline.records.Reject.code; docs/ingest.md)
+    code: Mapped[str | None] = mapped_column(String(48))
 
 
 class ModelVersion(Base):
@@ -128,11 +150,20 @@ class ModalityContribution(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     product_pk: Mapped[int] = mapped_column(ForeignKey("products.id", ondelete="CASCADE"))
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
-    t_shap: Mapped[float] = mapped_column(Float)
-    v_shap: Mapped[float] = mapped_column(Float)
+    # NULL t_shap / v_shap / stderr: no estimate (a modality missing, or the budget too small): see reason
+    t_shap: Mapped[float | None] = mapped_column(Float)
+    v_shap: Mapped[float | None] = mapped_column(Float)
     n_evaluations: Mapped[int] = mapped_column(Integer)
-    stderr: Mapped[float] = mapped_column(Float)
+    stderr: Mapped[float | None] = mapped_column(Float)
     mode: Mapped[str] = mapped_column(String(8), default="token")
+    n_players: Mapped[int | None] = mapped_column(Integer)
+    method: Mapped[str | None] = mapped_column(String(16))  # exact | antithetic | permutation | none
+    met_target: Mapped[bool | None] = mapped_column(Boolean)
+    reason: Mapped[str | None] = mapped_column(Text)
+    # the exact two-player modality game {text, image}: its Shapley values and text's |share|
+    phi_text: Mapped[float | None] = mapped_column(Float)
+    phi_image: Mapped[float | None] = mapped_column(Float)
+    game_text_share: Mapped[float | None] = mapped_column(Float)
 
 
 class CollapseMetric(Base):
@@ -157,3 +188,24 @@ class DeadLetter(Base):
     error: Mapped[str] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Worker(Base):
+    """A worker process and its heartbeat (db.claims): claims of a silent one are freed."""
+
+    __tablename__ = "workers"
+    id: Mapped[str] = mapped_column(String(160), primary_key=True)  # node name/pid
+    queues: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    status: Mapped[str] = mapped_column(String(16), default="alive", server_default="alive")  # alive|stopped|fatal
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    last_seen: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Lock(Base):
+    """A named lease (the beat's): held by one holder until a time of the database."""
+
+    __tablename__ = "locks"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(160))
+    until: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -2,6 +2,8 @@
 
   manifest.json        format, preset (name and full config), labels, tokenizer file, preprocessing,
                        models {kind: file, arch, sha256}, artifacts {name: file, type, sha256},
+                       checkpoints {text|image|clip: path, sha256} the pretrained weights started from
+                       (for provenance only: the trained weights are in the bundle),
                        library versions, training metrics, extra, created, content_hash
   tokenizer.json       the WordPiece tokenizer
   text.safetensors  image.safetensors  multimodal.safetensors
@@ -15,10 +17,7 @@ under a bundle_id stay valid when a stacker is added.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import re
 import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,67 +29,18 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from pipeline.models import KINDS, create_model
+from pipeline.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, NAME, TOKENIZER, BundleError, bundle_id,
+                               checked_file, content_hash, read_manifest, sha256_file, write_manifest)
+from pipeline.models import create_model
 from pipeline.presets import get_preset
-from pipeline.preprocess import NORM, image_size
+from pipeline.preprocess import NORM, image_norm, image_size
+from pipeline.records import KINDS
 from pipeline.tokenizer import Tokenizer
-
-FORMAT, FORMAT_VERSION = "shapstack-bundle", 1
-MANIFEST, TOKENIZER = "manifest.json", "tokenizer.json"
-NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-class BundleError(ValueError):
-    pass
-
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _canonical(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
-def content_hash(manifest: dict) -> str:
-    core = {k: manifest[k] for k in ("preset", "labels", "tokenizer_sha256")}
-    core["models"] = {k: {"arch": v["arch"], "sha256": v["sha256"]} for k, v in manifest["models"].items()}
-    return hashlib.sha256(_canonical(core)).hexdigest()
-
-
-def _write_manifest(path: Path, manifest: dict) -> None:
-    tmp = path / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, path / MANIFEST)
-
-
-def read_manifest(path: str | Path) -> dict:
-    try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path}: no readable {MANIFEST}: {exc}") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version", 99) > FORMAT_VERSION:
-        raise BundleError(f"{path}: not a {FORMAT} v{FORMAT_VERSION} bundle")
-    return manifest
-
-
-def _checked(path: Path, file: str, sha: str) -> Path:
-    full = path / file
-    if Path(file).name != file or not full.is_file():
-        raise BundleError(f"{path}: missing file {file!r}")
-    if sha256_file(full) != sha:
-        raise BundleError(f"{path}: {file} does not match its hash in the manifest")
-    return full
 
 
 def versions() -> dict[str, str]:
@@ -103,14 +53,15 @@ def versions() -> dict[str, str]:
 
 def preprocessing(preset: dict) -> dict:
     """What a client (e.g. a Triton caller) must reproduce outside Python's pipeline.preprocess."""
-    images = {m: {"size": image_size(preset, m), "mean": list(NORM[m][0]), "std": list(NORM[m][1])} for m in NORM}
+    images = {m: {"size": image_size(preset, m), "mean": list(image_norm(preset, m)[0]),
+                  "std": list(image_norm(preset, m)[1])} for m in NORM}
     return {"max_length": preset["max_length"], "fit": preset.get("fit", "crop"), "resample": "bicubic",
             "text_layout": "[CLS] tokens [SEP] [PAD]...", "num_image_embeds": preset["num_image_embeds"], **images}
 
 
 def save_bundle(path: str | Path, *, preset: str | dict, labels: list[str], tokenizer: Tokenizer,
                 models: dict[str, nn.Module], metrics: dict | None = None, extra: dict | None = None,
-                overwrite: bool = False) -> dict:
+                checkpoints: dict | None = None, overwrite: bool = False) -> dict:
     path, preset = Path(path), get_preset(preset)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise BundleError(f"{path} exists and is not empty (pass overwrite=True)")
@@ -133,10 +84,10 @@ def save_bundle(path: str | Path, *, preset: str | dict, labels: list[str], toke
         "preset_name": preset.get("name"), "preset": preset, "labels": list(labels),
         "tokenizer": TOKENIZER, "tokenizer_sha256": sha256_file(path / TOKENIZER),
         "preprocessing": preprocessing(preset), "models": entries, "artifacts": {},
-        "versions": versions(), "metrics": metrics or {}, "extra": extra or {},
+        "versions": versions(), "metrics": metrics or {}, "extra": extra or {}, "checkpoints": checkpoints or {},
     }
     manifest["content_hash"] = content_hash(manifest)
-    _write_manifest(path, manifest)
+    write_manifest(path, manifest)
     return manifest
 
 
@@ -159,7 +110,7 @@ class Bundle:
 
     @property
     def bundle_id(self) -> str:
-        return self.content_hash[:16]
+        return bundle_id(self.manifest)
 
     def save_artifact(self, name: str, obj: Any) -> None:
         self.manifest = save_artifact(self.path, name, obj)
@@ -174,14 +125,14 @@ def load_bundle(path: str | Path, device: str | torch.device = "auto", kinds: It
     manifest = read_manifest(path)
     if content_hash(manifest) != manifest["content_hash"]:
         raise BundleError(f"{path}: manifest content does not match its content_hash")
-    tokenizer = Tokenizer.load(_checked(path, manifest["tokenizer"], manifest["tokenizer_sha256"]))
+    tokenizer = Tokenizer.load(checked_file(path, manifest["tokenizer"], manifest["tokenizer_sha256"]))
     models = {}
     for kind, entry in manifest["models"].items():
         if kinds is not None and kind not in kinds:
             continue
         arch = entry["arch"]
         model = create_model(kind, {**manifest["preset"], **arch}, arch["num_classes"])
-        load_model(model, str(_checked(path, entry["file"], entry["sha256"])), strict=True)
+        load_model(model, str(checked_file(path, entry["file"], entry["sha256"])), strict=True)
         models[kind] = model.to(device).eval()
     return Bundle(path, manifest, tokenizer, models, device)
 
@@ -200,7 +151,7 @@ def save_artifact(path: str | Path, name: str, obj: dict) -> dict:
         (path / file).write_text(json.dumps(obj, indent=2, sort_keys=True))
     manifest["artifacts"][name] = {"file": file, "type": "tensors" if tensors else "json",
                                    "sha256": sha256_file(path / file)}
-    _write_manifest(path, manifest)
+    write_manifest(path, manifest)
     return manifest
 
 
@@ -209,5 +160,5 @@ def load_artifact(path: str | Path, name: str) -> Any:
     entry = read_manifest(path)["artifacts"].get(name)
     if entry is None:
         raise BundleError(f"{path}: no artefact {name!r}")
-    full = _checked(path, entry["file"], entry["sha256"])
+    full = checked_file(path, entry["file"], entry["sha256"])
     return load_file(str(full)) if entry["type"] == "tensors" else json.loads(full.read_text())

@@ -1,12 +1,28 @@
-"""Collapse metrics: is the multimodal model quietly ignoring one modality?
+"""Collapse metrics: is the multimodal model ignoring a modality that carries signal?
 
-Computed per run over all products and per predicted category. Agreement of the multimodal model
-with each unimodal model is reported beside them but raises no flag: a multimodal model that agrees
-with an accurate text model is not collapsed for that alone. Flags are metrics too (value 1.0
-= raised) so BI tools read them from the same table:
-- text_collapse: the share of text-dominated products (T-SHAP > 0.9) exceeds a threshold;
-- image_collapse: the share of image-dominated products (T-SHAP < 0.1) exceeds a threshold;
-- drift: mean T-SHAP moved away from the training-time mean stored in the bundle.
+A multimodal model that leans on the image for classes only the image can tell apart is healthy.
+Collapse is ignoring a modality that carries signal, and the evidence for it comes from the
+unimodal models, per scope ("all" and every predicted category with enough products):
+
+- where the text and image models disagree (products with both modalities) and the multimodal
+  model sides with one of them, whom it follows: `evidence_image_ignored` = the share of those
+  products on which it follows the text model (and symmetrically `evidence_text_ignored`);
+- whether the ignored modality carries signal there: `evidence_image_signal` = the share of
+  decisive disagreements (one of the two unimodal models right) that the image model wins;
+  measured on the run when it is labelled, else taken from the bundle's reference (the
+  out-of-fold outputs at training time, same grouping and same stacker);
+- the reliance measures: mean T-SHAP over the products that have one (`evidence_text_share`,
+  `evidence_image_share` = 1 - it); NULL T-SHAP and products missing a modality are left out.
+
+`flag_image_collapse` is raised (1.0) when the lower ends of both 95% Wilson intervals clear
+their thresholds: the image model wins the decisive disagreements (signal) and the multimodal
+model follows the text model on them (ignored). Symmetric for text. Every evidence metric has
+`_ci_low`, `_ci_high` and `_n` beside it. A product missing a modality never enters a
+disagreement or a reliance aggregate, so absence cannot raise a flag.
+
+Drift: mean T-SHAP against the reference of the same scope (grouped by the run's stacker's
+predicted category, as at run time), flagged when the difference exceeds a threshold and its
+interval excludes 0.
 """
 
 from __future__ import annotations
@@ -15,43 +31,122 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pipeline.metrics import Z95, wilson
+
 TEXT_DOMINATED = 0.9
 IMAGE_DOMINATED = 0.1
+MODALITIES = ("text", "image")
 
 
 @dataclass(frozen=True)
 class Thresholds:
-    text_share: float = 0.5
-    image_share: float = 0.5
+    signal: float = 0.5  # the ignored modality's model wins more than this share of decisive disagreements
+    follow: float = 0.5  # the multimodal model follows the other model on more than this share of disagreements
+    min_disagreements: int = 10  # fewer disagreements in a scope: no flag (not enough evidence)
     drift: float = 0.15
     min_products: int = 20
 
 
-def summarise(t_shap: np.ndarray, mm_pred: np.ndarray | None = None, text_pred: np.ndarray | None = None,
-              image_pred: np.ndarray | None = None) -> dict[str, float]:
-    """The distribution of T-SHAP and the agreement of the multimodal model with each unimodal one."""
-    t = np.asarray(t_shap, dtype=np.float64)
-    out = {
-        "n": float(len(t)),
-        "mean_t_shap": float(t.mean()) if len(t) else float("nan"),
-        "std_t_shap": float(t.std()) if len(t) else float("nan"),
-        "text_dominated_share": float((t > TEXT_DOMINATED).mean()) if len(t) else float("nan"),
-        "image_dominated_share": float((t < IMAGE_DOMINATED).mean()) if len(t) else float("nan"),
-    }
-    if mm_pred is not None and len(t):
-        out["agree_text"] = float(np.mean(mm_pred == text_pred))
-        out["agree_image"] = float(np.mean(mm_pred == image_pred))
+# per scope, what the reference stores and a run recomputes: counts and sums, so intervals can be derived
+COUNTS = ("n", "n_reliance", "sum_t", "sumsq_t", "n_disagree", "follow_text", "follow_image", "text_right",
+          "image_right")
+
+
+def counts(t_shap: np.ndarray, text: np.ndarray, image: np.ndarray, mm: np.ndarray, has_text: np.ndarray,
+           has_image: np.ndarray, label: np.ndarray | None = None) -> dict[str, float]:
+    """The sufficient statistics of one scope; label entries that are None/'' are unknown."""
+    both = np.asarray(has_text, bool) & np.asarray(has_image, bool)
+    t = np.where(both, np.asarray(t_shap, np.float64), np.nan)
+    valid = np.isfinite(t)
+    d = both & (text != image)
+    out = {"n": len(t), "n_reliance": int(valid.sum()), "sum_t": float(t[valid].sum()),
+           "sumsq_t": float((t[valid] ** 2).sum()), "n_disagree": int(d.sum()),
+           "follow_text": int((d & (mm == text)).sum()), "follow_image": int((d & (mm == image)).sum())}
+    if label is not None:
+        known = d & np.array([v not in (None, "") for v in label], bool)
+        out["n_labelled_disagree"] = int(known.sum())
+        out["text_right"] = int((known & (text == label)).sum())
+        out["image_right"] = int((known & (image == label)).sum())
     return out
 
 
-def flags(s: dict[str, float], th: Thresholds, reference_mean: float | None = None) -> dict[str, float]:
-    out = {
-        "flag_text_collapse": float(s["text_dominated_share"] > th.text_share),
-        "flag_image_collapse": float(s["image_dominated_share"] > th.image_share),
-    }
-    if reference_mean is not None:
-        out["drift_t_shap"] = s["mean_t_shap"] - reference_mean
-        out["flag_drift"] = float(abs(out["drift_t_shap"]) > th.drift)
+def scopes(category: np.ndarray, min_products: int) -> list[tuple[str, np.ndarray]]:
+    category = np.asarray(category)
+    out = [("all", np.ones(len(category), bool))]
+    for c in sorted(set(category.tolist())):
+        mask = category == c
+        if mask.sum() >= min_products:
+            out.append((str(c), mask))
+    return out
+
+
+def _mean_t(c: dict) -> tuple[float, float] | None:
+    """Mean T-SHAP and its standard error from a scope's counts; None without reliance."""
+    n = c["n_reliance"]
+    if not n:
+        return None
+    mean = c["sum_t"] / n
+    var = max(0.0, c["sumsq_t"] / n - mean * mean)
+    return mean, float(np.sqrt(var / max(1, n - 1)))
+
+
+def _share(prefix: str, k: float, n: float) -> dict[str, float]:
+    lo, hi = wilson(k, n)
+    return {prefix: k / n, f"{prefix}_ci_low": lo, f"{prefix}_ci_high": hi, f"{prefix}_n": float(n)}
+
+
+def evidence(c: dict, th: Thresholds, reference: dict | None = None) -> dict[str, float]:
+    """Metrics and flags of one scope from its counts (and the reference's counts of the same scope)."""
+    out: dict[str, float] = {"n": float(c["n"]), "n_reliance": float(c["n_reliance"]),
+                             "n_disagree": float(c["n_disagree"])}
+    mt = _mean_t(c)
+    if mt is not None:
+        mean, se = mt
+        out.update(mean_t_shap=mean, mean_t_shap_ci_low=mean - Z95 * se, mean_t_shap_ci_high=mean + Z95 * se,
+                   std_t_shap=se * np.sqrt(max(1, c["n_reliance"] - 1)))
+        for m, share in (("text", mean), ("image", 1 - mean)):
+            out.update({f"evidence_{m}_share": share, f"evidence_{m}_share_ci_low": share - Z95 * se,
+                        f"evidence_{m}_share_ci_high": share + Z95 * se, f"evidence_{m}_share_n": float(c["n_reliance"])})
+    labelled = c.get("n_labelled_disagree", 0) >= th.min_disagreements
+    for m, other in (("image", "text"), ("text", "image")):
+        followed = c["follow_text"] + c["follow_image"]
+        if followed:
+            out.update(_share(f"evidence_{m}_ignored", c[f"follow_{other}"], followed))
+        source = c if labelled else reference
+        signal_ok = False
+        if source is not None and source.get(f"{m}_right", 0) + source.get(f"{other}_right", 0) > 0:
+            decisive = source[f"{m}_right"] + source[f"{other}_right"]
+            out.update(_share(f"evidence_{m}_signal", source[f"{m}_right"], decisive))
+            out[f"evidence_{m}_signal_from_labels"] = float(labelled)
+            signal_ok = decisive >= th.min_disagreements and out[f"evidence_{m}_signal_ci_low"] > th.signal
+            if labelled and reference is not None and reference.get(f"{m}_right", 0) + reference.get(f"{other}_right", 0):
+                out[f"evidence_{m}_signal_reference"] = reference[f"{m}_right"] / (
+                    reference[f"{m}_right"] + reference[f"{other}_right"])
+        elif source is None:
+            continue  # no labels, no reference: whether the modality carries signal is unknown, no flag
+        ignored = followed >= th.min_disagreements and out[f"evidence_{m}_ignored_ci_low"] > th.follow
+        out[f"flag_{m}_collapse"] = float(signal_ok and ignored)
+    ref_t = _mean_t(reference) if reference else None
+    if mt is not None and ref_t is not None:
+        diff = mt[0] - ref_t[0]
+        half = Z95 * float(np.hypot(mt[1], ref_t[1]))
+        out.update(drift_t_shap=diff, drift_t_shap_ci_low=diff - half, drift_t_shap_ci_high=diff + half)
+        out["flag_drift"] = float(abs(diff) > th.drift and (diff - half > 0 or diff + half < 0))
+    return out
+
+
+def summarise(t_shap: np.ndarray, has_text: np.ndarray, has_image: np.ndarray, preds: dict[str, np.ndarray]) -> dict:
+    """Descriptive reliance of one scope (NULLs and missing modalities left out) and agreement."""
+    both = np.asarray(has_text, bool) & np.asarray(has_image, bool)
+    t = np.asarray(t_shap, np.float64)[both]
+    t = t[np.isfinite(t)]
+    out = {}
+    if len(t):
+        out.update(text_dominated_share=float((t > TEXT_DOMINATED).mean()),
+                   image_dominated_share=float((t < IMAGE_DOMINATED).mean()))
+    if both.any():
+        out["agree_text"] = float(np.mean(preds["multimodal"][both] == preds["text"][both]))
+        out["agree_image"] = float(np.mean(preds["multimodal"][both] == preds["image"][both]))
     return out
 
 
@@ -60,33 +155,42 @@ def collapse_metrics(
     category: np.ndarray,
     preds: dict[str, np.ndarray],
     thresholds: Thresholds = Thresholds(),
-    reference: dict[str, float] | None = None,
+    reference: dict[str, dict] | None = None,
+    *,
+    has_text: np.ndarray | None = None,
+    has_image: np.ndarray | None = None,
+    label: np.ndarray | None = None,
 ) -> list[tuple[str, str, float]]:
     """(scope, metric, value) rows: scope "all" plus every predicted category with enough products.
 
-    reference maps scope -> training-time mean T-SHAP (from the bundle) for the drift metric.
+    preds: kind -> predicted class of the text, image and multimodal models; reference: scope ->
+    counts() from the bundle, grouped as category is (the run's stacker's prediction); label: the
+    true category where known (a labelled run). A metric that cannot be computed has no row.
     """
+    n = len(category)
+    has_text = np.ones(n, bool) if has_text is None else np.asarray(has_text, bool)
+    has_image = np.ones(n, bool) if has_image is None else np.asarray(has_image, bool)
+    t_shap = np.asarray(t_shap, np.float64)
     reference = reference or {}
-    category = np.asarray(category)
+    label_arr = None if label is None else np.asarray(label, object)
     rows: list[tuple[str, str, float]] = []
-    scopes = [("all", np.ones(len(category), bool))]
-    for c in sorted(set(category.tolist())):
-        mask = category == c
-        if mask.sum() >= thresholds.min_products:
-            scopes.append((str(c), mask))
-    for scope, mask in scopes:
-        s = summarise(t_shap[mask], preds["multimodal"][mask], preds["text"][mask], preds["image"][mask])
-        s.update(flags(s, thresholds, reference.get(scope)))
-        rows.extend((scope, metric, value) for metric, value in s.items())
+    for scope, mask in scopes(category, thresholds.min_products):
+        p = {k: np.asarray(v)[mask] for k, v in preds.items()}
+        c = counts(t_shap[mask], p["text"], p["image"], p["multimodal"], has_text[mask], has_image[mask],
+                   None if label_arr is None else label_arr[mask])
+        metrics = {**evidence(c, thresholds, reference.get(scope)),
+                   **summarise(t_shap[mask], has_text[mask], has_image[mask], p)}
+        rows.extend((scope, metric, float(value)) for metric, value in metrics.items())
     return rows
 
 
-def reference_means(t_shap: np.ndarray, category: np.ndarray, min_products: int = 20) -> dict[str, float]:
-    """Training-time mean T-SHAP per scope, stored in the bundle for drift."""
-    category = np.asarray(category)
-    out = {"all": float(np.mean(t_shap))}
-    for c in sorted(set(category.tolist())):
-        mask = category == c
-        if mask.sum() >= min_products:
-            out[str(c)] = float(np.mean(t_shap[mask]))
+def reference_counts(t_shap: np.ndarray, category: np.ndarray, preds: dict[str, np.ndarray], label: np.ndarray,
+                     has_text: np.ndarray, has_image: np.ndarray, min_products: int = 20) -> dict[str, dict]:
+    """Training-time counts per scope (out-of-fold outputs, grouped by a stacker's predicted
+    category), stored in the bundle as the reference for drift and for the unimodal models' signal."""
+    out = {}
+    for scope, mask in scopes(category, min_products):
+        c = counts(np.asarray(t_shap)[mask], preds["text"][mask], preds["image"][mask], preds["multimodal"][mask],
+                   np.asarray(has_text)[mask], np.asarray(has_image)[mask], np.asarray(label, object)[mask])
+        out[scope] = {k: c[k] for k in COUNTS}
     return out

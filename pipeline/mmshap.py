@@ -1,242 +1,220 @@
-"""Shapley values of a coalition game at a fixed evaluation budget, and MM-SHAP on top of them.
+"""A product's MM-SHAP: T-SHAP of the multimodal model with an error bar, and the modality game.
 
-The cost of MM-SHAP is forward passes of the multimodal model, one per coalition, so the unit of
-`budget` is a coalition evaluated. Everything here is pure numpy; the game is `value_fn(masks)`,
-masks a bool array (m, n) with True = player present, returning m floats. All coalitions of a
-call are handed to `value_fn` at once: chunk inside it to fit device memory.
+Players are a product's text tokens ([CLS] and [SEP] never removed), or its words (the WordPieces
+of one word are one player, `players="word"`), and its image players:
+- token mode: the N image embeddings MMBT receives; the CLIP tower runs once per product and
+  only the fusion transformer runs per coalition;
+- pixel mode: a p x p grid of patches of the CLIP input, p = ceil(sqrt(#text tokens)) as in the
+  reference implementation, set to 0 (the normalised mean colour) when absent; every coalition
+  runs the whole model.
+An absent text player is masked out of attention (the reference replaces it by a pad id instead);
+an absent image embedding is masked out of attention the same way.
 
-`estimate_shapley` picks one of two unbiased estimators by budget (docs/estimator.md has the
-measurements behind the choice and the switch point):
+The value of a coalition is the log-probability of the class the full model predicts: softmax
+logits carry an arbitrary per-input offset that the players would share out among themselves,
+the log-probability is offset-free. Coalitions are evaluated in float32 whatever precision
+inference uses (`Backend.float32`), product by product, in row chunks that start at the product,
+and each product's sampling is seeded from (bundle id, product content hash): a product gets the
+same T-SHAP in any batch, at any position, embedded or distributed.
 
-- few evaluations per player: antithetic permutation sampling. A permutation's n + 1 prefix
-  coalitions give every player one marginal contribution; the empty and full coalitions are the
-  same for every permutation, so each permutation costs n - 1 evaluations. Its reverse is sampled
-  with it (antithetic pair): that halves the error on the smooth games measured, though it
-  doubles it on self-dual voting games, where the regression estimator below is far better.
-- enough evaluations to fit n parameters: regression-adjusted maximum-sample-reuse. Coalition
-  pairs (A, complement of A) are drawn with |A| from the Shapley kernel. An additive-plus-size
-  model f is fitted to them; its Shapley values are known exactly (its coefficients), and only
-  the residual game v - f is estimated by Monte Carlo, where every evaluated coalition informs
-  every player. f is cross-fitted (fitted on the other folds), so the estimate stays unbiased.
-  This is the estimator of Witter et al., "Regression-adjusted Monte Carlo estimators for
-  Shapley values and probabilistic values" (2025), specialised to paired kernel sampling.
-
-Both satisfy efficiency, sum(phi) = v(N) - v(empty), exactly on every draw, so no projection is
-needed: permutation contributions telescope, and the residual weights sum to zero over players.
+Budget policy (MMShapConfig): by default each product adds antithetic draws until the stderr of
+its T-SHAP is at most `target_stderr` or it has spent `cap` coalitions; a fixed `budget` per
+product is the alternative. A product that cannot be estimated (budget under two permutations,
+or a modality missing) gets T-SHAP None with the reason, never a made-up value. docs/mmshap.md
+explains the numbers and measures cost and accuracy.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from typing import Callable
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
-ValueFn = Callable[[np.ndarray], np.ndarray]
+from pipeline.preprocess import Encoded
+from pipeline.records import Contributions, Product, content_hash
+from pipeline.shapley import MMShapEstimate, estimate_mm_shap
+from pipeline.stackers import log_softmax
 
-MAX_EXACT_PLAYERS = 16
-FOLDS = 8
-
-
-def exact_shapley(value_fn: ValueFn, n_players: int) -> np.ndarray:
-    """All 2^n coalitions in one call; the ground truth the estimators are measured against."""
-    n = _check_players(n_players)
-    if n > MAX_EXACT_PLAYERS:
-        raise ValueError(f"exact_shapley enumerates 2^n coalitions; n_players={n} > {MAX_EXACT_PLAYERS}")
-    if n == 0:
-        return np.zeros(0)
-    masks = (np.arange(2**n)[:, None] >> np.arange(n)) & 1 == 1
-    v = _evaluate(value_fn, masks)
-    size = masks.sum(1)
-    # phi_i = sum_S v(S) * (w(|S|-1) if i in S else -w(|S|)), w(s) = s!(n-1-s)!/n! = 1/(n C(n-1, s))
-    w = np.array([1.0 / (n * math.comb(n - 1, s)) for s in range(n)] + [0.0])
-    present = v * w[np.maximum(size - 1, 0)]
-    absent = v * w[size]
-    return masks.T @ present - (~masks).T @ absent
+DEFAULT_MODE = "pixel"  # the reference's players; token mode is cheaper but under-counts the image
+DEFAULT_TARGET_STDERR = 0.03
+DEFAULT_CAP = 4000  # coalitions per product at most, in target mode
+PLAYERS = ("token", "word")
+MMSHAP_ESTIMATOR = 2  # bump when the estimator changes what it returns (training caches key on it)
+ROWS_PER_CALL = 512  # coalitions per model call (pixel mode copies the image per coalition)
 
 
-def estimate_shapley(value_fn: ValueFn, n_players: int, *, budget: int,
-                     seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Unbiased Shapley estimates and their standard errors from at most `budget` evaluations.
+@dataclass(frozen=True)
+class MMShapConfig:
+    """How each product's MM-SHAP is estimated.
 
-    Edge cases, in order: n = 0 gives empty arrays; budget >= 2^n enumerates (exact, stderr 0);
-    budget < 2 evaluates nothing (zeros, stderr inf); budget < n + 1 cannot pay for one
-    permutation and returns the equal split (v(N) - v(empty)) / n, which is biased, stderr inf;
-    budget < 2n buys one permutation (unbiased, stderr inf). Otherwise see the module docstring.
-    value_fn is called once, with every coalition. stderr is the standard error of each phi_j
-    from the spread of independent draws (antithetic pairs, or residual terms per fold); with
-    few draws it is itself noisy, and a player never pivotal in the draws gets 0.
+    budget None: target mode (draws until stderr <= target_stderr, at most cap coalitions);
+    budget > 0: that many coalitions per product; budget 0: MM-SHAP off (T-SHAP None).
     """
-    n = _check_players(n_players)
-    if budget < 0:
-        raise ValueError(f"budget must be >= 0, got {budget}")
-    if n == 0:
-        return np.zeros(0), np.zeros(0)
-    if budget >= 2**n:
-        return exact_shapley(value_fn, n), np.zeros(n)
-    if budget < 2:
-        return np.zeros(n), np.full(n, np.inf)
-    rng = np.random.default_rng(seed)
-    if budget >= regression_threshold(n):
-        return _regression_adjusted(value_fn, n, budget, rng)
-    return _antithetic_permutations(value_fn, n, budget, rng)
+
+    mode: str = DEFAULT_MODE
+    budget: int | None = None
+    target_stderr: float = DEFAULT_TARGET_STDERR
+    cap: int = DEFAULT_CAP
+    players: str = "token"
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("token", "pixel"):
+            raise ValueError(f"image mode must be token or pixel, not {self.mode!r}")
+        if self.players not in PLAYERS:
+            raise ValueError(f"text players must be one of {PLAYERS}, not {self.players!r}")
+
+    @property
+    def off(self) -> bool:
+        return self.budget == 0
+
+    def limits(self) -> tuple[int, float | None]:
+        """(coalitions at most, target stderr or None) for estimate_mm_shap."""
+        return (self.cap, self.target_stderr) if self.budget is None else (self.budget, None)
+
+    def options(self) -> dict:
+        """As a run's recorded options (mmshap_budget, mmshap_mode, ...): what the report and BI show."""
+        out = ({"mmshap_budget": self.budget} if self.budget is not None
+               else {"mmshap_target_stderr": self.target_stderr, "mmshap_cap": self.cap})
+        return {**out, "mmshap_mode": self.mode, **({"mmshap_players": self.players} if self.players != "token" else {})}
+
+    def describe(self) -> str:
+        if self.budget is not None:
+            return f"budget {self.budget} coalitions per product"
+        return f"target stderr {self.target_stderr:g}, cap {self.cap} coalitions per product"
 
 
-def regression_threshold(n_players: int) -> int:
-    """Budget from which the regression-adjusted estimator beats permutations (measured).
+def mmshap_config(manifest: dict, budget: int | None = None, mode: str | None = None, *,
+                  target_stderr: float | None = None, cap: int | None = None,
+                  players: str | None = None) -> MMShapConfig:
+    """As the bundle's stackers were trained, with the caller's non-None choices on top.
 
-    Its fitted model has about 1.5n parameters, and the fit's own noise only pays off once there
-    are enough coalition pairs per parameter. On smooth games the crossover grows from under 8n
-    evaluations at n = 12 to about 30n at n = 128..240; 2.5 n^1.5 tracks it (8.8n at n = 12,
-    20n at n = 64, 28n at n = 128). Threshold games favour regression at any budget.
+    The stackers take T-SHAP as an input, so classifying as they were trained keeps that input's
+    distribution (its noise level) the same. A budget asks for fixed-budget mode; a target or a
+    cap without a budget asks for target mode.
     """
-    return 2 + math.ceil(2.5 * n_players**1.5)
+    trained = dict(manifest.get("extra", {}).get("mmshap", {}))
+    if budget is not None:
+        trained["budget"] = budget
+    elif target_stderr is not None or cap is not None:
+        trained["budget"] = None
+    chosen = {"mode": mode, "target_stderr": target_stderr, "cap": cap, "players": players}
+    trained.update({k: v for k, v in chosen.items() if v is not None})
+    defaults = asdict(MMShapConfig())
+    return MMShapConfig(**{k: trained.get(k, defaults[k]) for k in defaults})
 
 
-def mm_shap(phi: np.ndarray, text_players: np.ndarray) -> tuple[float, float]:
-    """T-SHAP and V-SHAP: each modality's share of total absolute contribution.
-
-    Absolute values, as in Parcalabescu & Frank: a modality that pushes the prediction down still
-    contributes. When every phi is zero neither modality contributes anything, and (0.5, 0.5)
-    is returned so that downstream weights stay finite and neutral.
-    """
-    phi = np.asarray(phi, dtype=np.float64)
-    text = np.asarray(text_players, dtype=bool)
-    if phi.ndim != 1 or text.shape != phi.shape:
-        raise ValueError(f"phi and text_players must be 1-d of one length, got {phi.shape} and {text.shape}")
-    total = np.abs(phi).sum()
-    if total == 0.0:
-        return 0.5, 0.5
-    t_shap = float(np.abs(phi[text]).sum() / total)
-    return t_shap, 1.0 - t_shap
+def mmshap_config_for(manifest: dict, settings) -> MMShapConfig:
+    """mmshap_config with the choices of a shapstack Settings (mmshap_budget, _image_mode, _target_stderr, _cap, _players)."""
+    return mmshap_config(manifest, settings.mmshap_budget, settings.mmshap_image_mode,
+                         target_stderr=settings.mmshap_target_stderr, cap=settings.mmshap_cap,
+                         players=settings.mmshap_players)
 
 
-def reference_permutation_shapley(value_fn: ValueFn, n_players: int, *, n_permutations: int = 10,
-                                  seed: int | None = None) -> tuple[np.ndarray, int]:
-    """The reference MM-SHAP sampler, kept to measure ours against.
-
-    Like shap's PermutationExplainer as the MM-SHAP code uses it: each permutation is walked
-    forward and in reverse, each of its n + 1 coalitions costs one forward pass, nothing is
-    shared, so it pays 2 * n_permutations * (n + 1) evaluations.
-    """
-    n = _check_players(n_players)
-    if n == 0 or n_permutations <= 0:
-        return np.zeros(n), 0
-    rng = np.random.default_rng(seed)
-    base = _random_permutations(rng, n_permutations, n)
-    perms = np.concatenate([base, base[:, ::-1]])
-    masks = _prefixes(perms, np.arange(n + 1))
-    v = _evaluate(value_fn, masks.reshape(-1, n)).reshape(len(perms), n + 1)
-    phi = _marginals(v, perms).mean(0)
-    return phi, masks.shape[0] * masks.shape[1]
+def product_seed(seed_key: str, product: Product) -> int:
+    """The sampling seed of a product: a hash of (bundle id or other key, product content)."""
+    digest = product.content_hash or content_hash(product.title, product.description, product.image)
+    return int.from_bytes(hashlib.sha256(f"{seed_key}\x00{digest}".encode()).digest()[:8], "little")
 
 
-def _antithetic_permutations(value_fn: ValueFn, n: int, budget: int,
-                             rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    pairs = (budget - 2) // (2 * (n - 1))
-    if budget < n + 1:
-        v0, vn = _evaluate(value_fn, np.stack([np.zeros(n, bool), np.ones(n, bool)]))
-        return np.full(n, (vn - v0) / n), np.full(n, np.inf)
-    base = _random_permutations(rng, max(pairs, 1), n)
-    perms = np.concatenate([base, base[:, ::-1]]) if pairs else base
-    inner = _prefixes(perms, np.arange(1, n)).reshape(-1, n)
-    ends = np.stack([np.zeros(n, bool), np.ones(n, bool)])
-    v = _evaluate(value_fn, np.concatenate([ends, inner]))
-    v0, vn, inner_v = v[0], v[1], v[2:].reshape(len(perms), n - 1)
-    walk = np.concatenate([np.full((len(perms), 1), v0), inner_v, np.full((len(perms), 1), vn)], 1)
-    marginal = _marginals(walk, perms)
-    if pairs == 0:
-        return marginal[0], _stderr(marginal)
-    per_pair = (marginal[:pairs] + marginal[pairs:]) / 2  # the pairs are the independent draws
-    return per_pair.mean(0), _stderr(per_pair)
+@dataclass(frozen=True)
+class Players:
+    """A product's players: text_pos its removable token positions, word[k] the text player of token k."""
+
+    text_pos: np.ndarray
+    word: np.ndarray
+    n_image: int
+
+    @property
+    def n_text(self) -> int:
+        return int(self.word.max()) + 1 if len(self.word) else 0
+
+    @property
+    def is_text(self) -> np.ndarray:
+        return np.arange(self.n_text + self.n_image) < self.n_text
 
 
-def _regression_adjusted(value_fn: ValueFn, n: int, budget: int,
-                         rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """phi(v) = phi(f) + phi(v - f): exact for the fitted f, Monte Carlo for the residual only.
-
-    With |A| = s drawn with probability q(s) = 1 / (Z s (n - s)), Z = sum_s 1 / (s (n - s)), and A
-    uniform of that size, phi_i(r) = (r(N) - r(empty)) / n + E[(r(A) - r(A^c)) (n [i in A] - s)] Z/2
-    for any game r. f(S) = sum_{j in S} beta_j + g(|S|) with g(0) = g(n) = 0 has phi(f) = beta,
-    and only its pair differences f(A) - f(A^c) enter, so it is fitted to v(A) - v(A^c).
-    """
-    pairs = (budget - 2) // 2
-    sizes = np.arange(1, n)
-    kernel = 1.0 / (sizes * (n - sizes))
-    z = kernel.sum()
-    s = rng.choice(sizes, size=pairs, p=kernel / z)
-    a = np.argsort(rng.random((pairs, n)), 1).argsort(1) < s[:, None]  # uniform subset of size s
-    ends = np.stack([np.zeros(n, bool), np.ones(n, bool)])
-    v = _evaluate(value_fn, np.concatenate([ends, a, ~a]))
-    v0, vn = v[0], v[1]
-    dy = v[2:2 + pairs] - v[2 + pairs:]
-
-    # features of f(A) - f(A^c): +-1 per player, and g(s) - g(n - s), antisymmetric in s
-    half = (n - 1) // 2
-    size_cols = np.zeros((pairs, half))
-    small = np.minimum(s, n - s)
-    rows = np.nonzero(small <= half)[0]  # s == n - s has g(s) - g(n - s) = 0
-    size_cols[rows, small[rows] - 1] = np.sign(n - 2 * s[rows])
-    x = np.concatenate([2.0 * a - 1.0, size_cols], 1)
-    weight = (n * a - s[:, None]) * (z / 2)  # per pair and player; sums to 0 over players
-
-    folds = min(FOLDS, pairs // 2)
-    fold = np.arange(pairs) % folds
-    phi = np.zeros(n)
-    var = np.zeros(n)
-    for g in range(folds):
-        train, test = fold != g, fold == g
-        coef = _ridge(x[train], dy[train])
-        beta = coef[:n]
-        terms = (dy[test] - x[test] @ coef)[:, None] * weight[test]
-        k = test.sum()
-        phi += k * (beta + (vn - v0 - beta.sum()) / n + terms.mean(0))
-        var += k * terms.var(0, ddof=1)
-    return phi / pairs, np.sqrt(var) / pairs
+def players_of(backend, enc: Encoded, i: int, mode: str, players: str = "token") -> Players:
+    length = int(enc.text_mask[i].sum())
+    text_pos = np.arange(1, length - 1) if enc.has_text[i] else np.zeros(0, int)
+    word = np.arange(len(text_pos))
+    if players == "word" and len(text_pos):
+        starts = backend.bundle.tokenizer.word_starts(enc.input_ids[i, text_pos])
+        starts[0] = True
+        word = np.cumsum(starts) - 1
+    if not enc.has_image[i]:
+        n_image = 0
+    elif mode == "token":
+        n_image = backend.num_image_embeds
+    else:
+        n_image = max(1, math.ceil(math.sqrt(max(len(text_pos), 1)))) ** 2
+    return Players(text_pos, word, n_image)
 
 
-def _ridge(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Least squares with a scale-free touch of ridge, only so that a rank-deficient fold solves."""
-    gram = x.T @ x
-    gram[np.diag_indices_from(gram)] += 1e-8 * np.trace(gram) / len(gram)
-    return np.linalg.solve(gram, x.T @ y)
+def _patch_masks(image_players: np.ndarray, size: int) -> np.ndarray:
+    """(m, p*p) player masks -> (m, 1, size, size) pixel keep-masks on a p x p grid."""
+    p = math.isqrt(image_players.shape[1])
+    edges = np.linspace(0, size, p + 1).round().astype(int)
+    cell = np.searchsorted(edges, np.arange(size), side="right") - 1
+    grid = image_players.reshape(-1, p, p)
+    return grid[:, cell][:, :, cell][:, None].astype(np.float32)
 
 
-def _random_permutations(rng: np.random.Generator, k: int, n: int) -> np.ndarray:
-    return np.argsort(rng.random((k, n)), 1)
+def coalition_values(backend, enc: Encoded, i: int, pl: Players, masks: np.ndarray, mode: str, predicted: int,
+                     embeds: np.ndarray | None = None) -> np.ndarray:
+    """Log-probability of class `predicted` for each coalition (m, n players) of product i, float32 model."""
+    masks = np.asarray(masks, bool)
+    out = []
+    for start in range(0, len(masks), ROWS_PER_CALL):
+        m = masks[start : start + ROWS_PER_CALL]
+        rows = np.full(len(m), i)
+        ids = enc.input_ids[rows]
+        tmask = enc.text_mask[rows].copy()
+        tmask[:, pl.text_pos] = m[:, : pl.n_text][:, pl.word]
+        imask = enc.image_mask(backend.num_image_embeds)[rows]
+        image = m[:, pl.n_text :]
+        with backend.float32():
+            if mode == "token":
+                imask[:, : image.shape[1]] = image
+                logits = backend.fusion_logits(ids, tmask, embeds[[0] * len(m)], imask)
+            else:
+                keep = _patch_masks(image, enc.clip_pixels.shape[-1]) if image.shape[1] else 1.0
+                logits = backend.multimodal_logits(ids, tmask, enc.clip_pixels[rows] * keep, imask)
+        out.append(log_softmax(logits.astype(np.float64))[:, predicted])
+    return np.concatenate(out) if out else np.zeros(0)
 
 
-def _prefixes(perms: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """masks[p, j] = the first sizes[j] players of perms[p] present."""
-    rank = np.empty_like(perms)
-    rank[np.arange(len(perms))[:, None], perms] = np.arange(perms.shape[1])
-    return rank[:, None, :] < sizes[None, :, None]
+def product_game(backend, enc: Encoded, i: int, mode: str, predicted: np.ndarray, players: str = "token"):
+    """(value_fn, text player flags) of product i: what explain estimates, for checks and benchmarks."""
+    pl = players_of(backend, enc, i, mode, players)
+    embeds = None
+    if mode == "token" and pl.n_image:
+        with backend.float32():
+            embeds = backend.image_embeddings(enc.clip_pixels[i : i + 1])
+
+    def value_fn(masks: np.ndarray) -> np.ndarray:
+        return coalition_values(backend, enc, i, pl, masks, mode, int(predicted[i]), embeds)
+
+    return value_fn, pl.is_text
 
 
-def _marginals(walk: np.ndarray, perms: np.ndarray) -> np.ndarray:
-    """Values along each permutation's walk (k, n + 1) -> each player's marginal contribution (k, n)."""
-    step = np.diff(walk, axis=1)  # step[p, j] belongs to player perms[p, j]
-    out = np.empty_like(step)
-    np.put_along_axis(out, perms, step, axis=1)
-    return out
+def predicted_classes(backend, enc: Encoded) -> np.ndarray:
+    return backend.multimodal_logits(enc.input_ids, enc.text_mask, enc.clip_pixels,
+                                     enc.image_mask(backend.num_image_embeds)).argmax(1)
 
 
-def _stderr(draws: np.ndarray) -> np.ndarray:
-    """Across independent draws; one draw says nothing about spread, hence inf."""
-    if len(draws) < 2:
-        return np.full(draws.shape[1], np.inf)
-    return draws.std(0, ddof=1) / math.sqrt(len(draws))
+def explain_product(backend, enc: Encoded, i: int, config: MMShapConfig, seed: int, predicted: np.ndarray) -> MMShapEstimate:
+    value_fn, is_text = product_game(backend, enc, i, config.mode, predicted, config.players)
+    budget, target = config.limits()
+    return estimate_mm_shap(value_fn, is_text, budget, seed, target_stderr=target)
 
 
-def _evaluate(value_fn: ValueFn, masks: np.ndarray) -> np.ndarray:
-    v = np.asarray(value_fn(masks), dtype=np.float64)
-    if v.shape != (len(masks),):
-        raise ValueError(f"value_fn must return shape ({len(masks)},), got {v.shape}")
-    return v
-
-
-def _check_players(n_players: int) -> int:
-    n = int(n_players)
-    if n < 0:
-        raise ValueError(f"n_players must be >= 0, got {n_players}")
-    return n
+def explain(backend, enc: Encoded, config: MMShapConfig, seeds: np.ndarray,
+            predicted: np.ndarray | None = None) -> Contributions:
+    """MM-SHAP of every product of `enc`, product i sampled with seeds[i]."""
+    b = len(enc)
+    if config.off:
+        return Contributions.unestimated(b, "MM-SHAP off (budget 0)")
+    predicted = predicted_classes(backend, enc) if predicted is None else predicted
+    return Contributions.of([explain_product(backend, enc, i, config, int(seeds[i]), predicted) for i in range(b)])

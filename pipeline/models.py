@@ -1,10 +1,12 @@
 """The three base learners, built from a preset (no downloads), optionally from local checkpoints.
 
   text        BERT + linear head                       forward(input_ids, attention_mask) -> (B, K)
-  image       torchvision ResNet                       forward(pixel_values) -> (B, K)
+  image       torchvision ResNet or EfficientNet-Lite0 forward(pixel_values) -> (B, K)
   multimodal  MMBT: a BERT over [CLS] [img_1..img_N] [text tokens ... SEP], the image tokens
-              being an open_clip visual tower's feature map average-pooled to N cells and
-              projected to BERT's width; head on [CLS]
+              being an image encoder's feature map average-pooled to N cells and projected to
+              BERT's width; head on [CLS] (BERT's pooler) or on the mean of the present tokens.
+              The image encoder is an open_clip visual tower, or (preset "mmbt_image": "cnn") the
+              preset's image CNN, as MMBT's own paper fed it ResNet-152 feature maps
               forward(input_ids, text_mask, pixel_values, image_mask) -> (B, K)
               = fuse(input_ids, text_mask, encode_image(pixel_values), image_mask)
 
@@ -23,9 +25,12 @@ from torch import nn
 from torchvision.models import resnet as tv_resnet
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
+from pipeline.efficientnet import EfficientNetLite0
+from pipeline.errors import UserError
+from pipeline.pretrained import read_state_dict
 from pipeline.presets import get_preset
+from pipeline.records import KINDS
 
-KINDS = ("text", "image", "multimodal")
 BERT_ARCH = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
              "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob", "max_position_embeddings",
              "type_vocab_size", "initializer_range", "layer_norm_eps", "pad_token_id", "classifier_dropout")
@@ -35,34 +40,44 @@ POOL_GRID = {1: (1, 1), 2: (2, 1), 3: (3, 1), 4: (2, 2), 5: (5, 1), 6: (3, 2), 7
 
 # ---------------------------------------------------------------------------------- weights on disk
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """safetensors, or a torch pickle read with weights_only=True (never executes code)."""
-    path = str(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
-
-
-def load_partial(module: nn.Module, path: str | Path, prefix: str = "") -> None:
-    """Load the checkpoint's tensors whose names (prefix stripped where present) and shapes match,
-    e.g. all but a 1000-class ImageNet head or CLIP's attention pool and text tower.
-    Fails when the backbone does not match."""
+def load_backbone(module: nn.Module, path: str | Path, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+    """Load every weight of module except its head (names starting with skip) from a checkpoint
+    (prefix stripped; other tensors under other prefixes ignored, e.g. CLIP's text tower). Strict
+    for the backbone: a missing, mis-shaped or unexpected backbone weight fails with its name."""
     own = module.state_dict()
-    sd = {k.removeprefix(prefix): v for k, v in read_state_dict(path).items()}
-    sd = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
-    missing = [k for k in own if k not in sd and not k.startswith(("fc.", "proj", "head"))]
-    if missing:
-        raise ValueError(f"{path}: {len(missing)} weights missing or mis-shaped, e.g. {missing[:3]}")
+    sd = read_state_dict(path)
+    if prefix:
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    sd = {k: v for k, v in sd.items() if not k.startswith(skip)}
+    need = [k for k in own if not k.startswith(skip)]
+    missing = [k for k in need if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shaped = [k for k in need if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shaped:
+        what = ", ".join(f"{n} {kind} e.g. {ks[:2]}" for kind, ks in
+                         (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)) if ks for n in [len(ks)])
+        raise UserError(f"{path}: checkpoint does not match the model: {what}")
     module.load_state_dict(sd, strict=False)
 
 
 # ---------------------------------------------------------------------------------- text
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the present tokens (sentence-transformers' pooling, all-MiniLM-L6-v2's)."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
 class BertClassifier(BertForSequenceClassification):
+    """pooling: "pooler" (BERT's [CLS] pooler) or "mean" (over present tokens)."""
+
+    pooling = "pooler"
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask).logits
+        if self.pooling == "pooler":
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask).logits
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return self.classifier(self.dropout(mean_pool(hidden, attention_mask)))
 
 
 def _bert_config(p: dict, vocab_size: int | None, checkpoint: str | None) -> BertConfig:
@@ -101,6 +116,36 @@ class ResNet(tv_resnet.ResNet):
             elif isinstance(m, tv_resnet.BasicBlock):
                 nn.init.zeros_(m.bn2.weight)
 
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> the last stage's feature map, before pooling."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.fc(pooled)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.fc.in_features
+
+
+HEADS = ("fc.", "_fc.")  # the image CNNs' classification heads (not loaded from a checkpoint)
+
+
+def build_cnn(p: dict, num_classes: int, checkpoint: str | Path | None = None) -> nn.Module:
+    """The preset's image CNN ("efficientnet" or "resnet" key), backbone loaded from a checkpoint."""
+    if "efficientnet" in p:
+        model = EfficientNetLite0(num_classes=num_classes, image_size=p["efficientnet"]["image_size"])
+    else:
+        model = ResNet(num_classes=num_classes, **p["resnet"])
+    if checkpoint:
+        load_backbone(model, checkpoint, skip=HEADS)
+    return model
+
+
+def image_arch(p: dict) -> dict:
+    return {"efficientnet": dict(p["efficientnet"])} if "efficientnet" in p else {"resnet": dict(p["resnet"])}
+
 
 # ---------------------------------------------------------------------------------- multimodal
 
@@ -112,7 +157,7 @@ def clip_vision_cfg(cfg: dict) -> dict:
         import open_clip
         base = open_clip.get_model_config(name)
         if base is None:
-            raise ValueError(f"open_clip has no model config {name!r}")
+            raise UserError(f"open_clip has no model config {name!r}")
         cfg = {**{k: v for k, v in base["vision_cfg"].items() if v is not None}, **cfg}
     return cfg
 
@@ -129,20 +174,28 @@ def build_clip_visual(cfg: dict) -> tuple[nn.Module, int]:
 
 
 class MMBT(nn.Module):
-    def __init__(self, bert: BertModel, visual: nn.Module, feature_dim: int, num_image_embeds: int, num_classes: int):
+    def __init__(self, bert: BertModel, visual: nn.Module, feature_dim: int, num_image_embeds: int, num_classes: int,
+                 pooling: str = "pooler"):
         super().__init__()
         cfg = bert.config
-        self.bert, self.visual, self.num_image_embeds = bert, visual, num_image_embeds
+        self.bert, self.visual, self.num_image_embeds, self.pooling = bert, visual, num_image_embeds, pooling
         self.pool = nn.AdaptiveAvgPool2d(POOL_GRID[num_image_embeds])
         self.proj = nn.Linear(feature_dim, cfg.hidden_size)
         self.dropout = nn.Dropout(cfg.classifier_dropout if cfg.classifier_dropout is not None else cfg.hidden_dropout_prob)
         self.classifier = nn.Linear(cfg.hidden_size, num_classes)
         nn.init.normal_(self.classifier.weight, std=cfg.initializer_range), nn.init.zeros_(self.classifier.bias)
 
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, N, C): the image encoder's feature map pooled to N cells, row-major."""
+        if hasattr(self.visual, "forward_features"):  # a CNN of ours
+            fmap = self.visual.forward_features(pixel_values)
+        else:  # an open_clip tower
+            fmap = self.visual.forward_intermediates(pixel_values, indices=1, intermediates_only=True)["image_intermediates"][-1]
+        return self.pool(fmap).flatten(2).transpose(1, 2)
+
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) -> (B, N, H) image tokens (before BERT's position/segment embeddings)."""
-        fmap = self.visual.forward_intermediates(pixel_values, indices=1, intermediates_only=True)["image_intermediates"][-1]
-        return self.proj(self.pool(fmap).flatten(2).transpose(1, 2))
+        return self.proj(self.image_features(pixel_values))
 
     def fuse(self, input_ids: torch.Tensor, text_mask: torch.Tensor, image_embeds: torch.Tensor,
              image_mask: torch.Tensor) -> torch.Tensor:
@@ -155,7 +208,8 @@ class MMBT(nn.Module):
         mask = torch.cat([ones, image_mask.long(), text_mask[:, 1:].long()], dim=1)
         segment = torch.zeros_like(mask)
         segment[:, 1 : 1 + n] = 1  # image tokens: their own segment; positions continue after [CLS]
-        pooled = self.bert(inputs_embeds=x, attention_mask=mask, token_type_ids=segment).pooler_output
+        out = self.bert(inputs_embeds=x, attention_mask=mask, token_type_ids=segment)
+        pooled = out.pooler_output if self.pooling == "pooler" else mean_pool(out.last_hidden_state, mask)
         return self.classifier(self.dropout(pooled))
 
     def forward(self, input_ids, text_mask, pixel_values, image_mask) -> torch.Tensor:
@@ -166,34 +220,46 @@ class MMBT(nn.Module):
 
 def create_model(kind: str, preset: str | dict, num_classes: int, *, checkpoint: Any = None,
                  vocab_size: int | None = None) -> nn.Module:
-    """kind: text | image | multimodal. checkpoint (all local): text: a Hugging Face BERT folder;
-    image: a torchvision weight file; multimodal: {"text": BERT folder, "clip": open_clip weight
-    file}, either optional. vocab_size: the tokenizer's (ignored with a BERT checkpoint)."""
+    """kind: text | image | multimodal. checkpoint (all local, see pipeline.pretrained): text: a
+    Hugging Face BERT folder; image: a torchvision ResNet or EfficientNet-Lite0 weight file (the
+    preset's image keys must name that architecture: pretrained.apply_checkpoints does it);
+    multimodal: {"text": BERT folder, "clip": open_clip weight file, "image": CNN weight file (with
+    "mmbt_image": "cnn")}, each optional. vocab_size: the tokenizer's (ignored with a BERT checkpoint).
+    Without a checkpoint the weights are random: that is how a bundle's models are rebuilt before
+    their trained weights are loaded, so a bundle never needs the original checkpoint files."""
     p = get_preset(preset)
+    pooling = p.get("text_pooling", "pooler")
     if kind == "text":
         config = _bert_config(p, vocab_size, checkpoint)
         config.num_labels = num_classes
         model = (BertClassifier.from_pretrained(checkpoint, config=config, local_files_only=True)
                  if checkpoint else BertClassifier(config))
-        model.arch = {"bert": _bert_arch(config)}
+        model.pooling = pooling
+        model.arch = {"bert": _bert_arch(config), "text_pooling": pooling}
     elif kind == "image":
-        model = ResNet(num_classes=num_classes, **p["resnet"])
-        if checkpoint:
-            load_partial(model, checkpoint)
-        model.arch = {"resnet": dict(p["resnet"])}
+        model = build_cnn(p, num_classes, checkpoint)
+        model.arch = image_arch(p)
     elif kind == "multimodal":
         ckpt = checkpoint or {}
         if not isinstance(ckpt, dict):
-            raise TypeError('multimodal checkpoint must be a dict {"text": folder, "clip": file}')
+            raise TypeError('multimodal checkpoint must be a dict {"text": folder, "clip": file, "image": file}')
         config = _bert_config(p, vocab_size, ckpt.get("text"))
         bert = (BertModel.from_pretrained(ckpt["text"], config=config, local_files_only=True)
                 if ckpt.get("text") else BertModel(config))
-        clip_cfg = clip_vision_cfg(p["clip"])
-        visual, feature_dim = build_clip_visual(clip_cfg)
-        if ckpt.get("clip"):
-            load_partial(visual, ckpt["clip"], prefix="visual.")
-        model = MMBT(bert, visual, feature_dim, p["num_image_embeds"], num_classes)
-        model.arch = {"bert": _bert_arch(config), "clip": clip_cfg, "num_image_embeds": p["num_image_embeds"]}
+        arch = {"bert": _bert_arch(config), "num_image_embeds": p["num_image_embeds"], "text_pooling": pooling}
+        if p.get("mmbt_image") == "cnn":
+            visual = build_cnn(p, 1, ckpt.get("image"))
+            setattr(visual, "_fc" if isinstance(visual, EfficientNetLite0) else "fc", nn.Identity())  # not MMBT's head
+            feature_dim = visual.feature_dim
+            arch.update(image_arch(p), mmbt_image="cnn")
+        else:
+            clip_cfg = clip_vision_cfg(p["clip"])
+            visual, feature_dim = build_clip_visual(clip_cfg)
+            if ckpt.get("clip"):
+                load_backbone(visual, ckpt["clip"], prefix="visual.", skip=("attnpool.", "proj", "head"))
+            arch["clip"] = clip_cfg
+        model = MMBT(bert, visual, feature_dim, p["num_image_embeds"], num_classes, pooling)
+        model.arch = arch
     else:
         raise ValueError(f"unknown model kind {kind!r} (one of {', '.join(KINDS)})")
     model.arch["num_classes"] = num_classes

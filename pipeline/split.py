@@ -8,6 +8,9 @@ variants of one product (one group_id) never straddle the split.
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
+
+from pipeline.errors import UserError
 
 from pipeline.records import Product
 
@@ -20,3 +23,13 @@ def side(product: Product, test_fraction: float, seed: int = 0) -> str:
 
 def keep(product: Product, split: str | None, test_fraction: float, seed: int = 0) -> bool:
     return split in (None, "all") or side(product, test_fraction, seed) == split
+
+
+def split_selector(manifest: dict, split: str | None) -> Callable[[Product], bool] | None:
+    """The products of one side of a bundle's --test-fraction split (None: keep all of them)."""
+    if split in (None, "all"):
+        return None
+    extra = manifest.get("extra", {})
+    if not extra.get("test_fraction"):
+        raise UserError("the bundle was trained without --test-fraction: it has no held-out split")
+    return lambda p: keep(p, split, extra["test_fraction"], extra.get("seed", 0))

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from pipeline.errors import UserError
+
 SHAPES = ("circle", "square", "triangle", "diamond", "cross", "ring", "star", "bar")
 TEXTURES = ("solid", "stripes", "dots", "checker", "grid")
 COLOURS = {
@@ -177,14 +179,14 @@ def make_catalogue(
     same class_seed and another seed makes fresh products of the same classes.
     """
     if n_classes < 2:
-        raise ValueError("need at least 2 classes")
+        raise UserError("need at least 2 classes")
     kinds = list(kinds) if kinds is not None else class_kinds(n_classes)
     if len(kinds) != n_classes or set(kinds) - {"image", "text", "both"} or kinds.count("both") % 2:
-        raise ValueError("kinds: one of image/text/both per class, with an even number of both")
+        raise UserError("kinds: one of image/text/both per class, with an even number of both")
     if any(k == "both" and kinds[:i].count("both") % 2 == 0 and kinds[i + 1] != "both" for i, k in enumerate(kinds)):
-        raise ValueError("kinds: both classes come in adjacent pairs")
+        raise UserError("kinds: both classes come in adjacent pairs")
     if not 0 <= misleading_text <= 1 or not 0 <= drop_image <= 1 or not 0 <= drop_text <= 1:
-        raise ValueError("fractions must lie in [0, 1]")
+        raise UserError("fractions must lie in [0, 1]")
     rng = random.Random(seed if class_seed is None else class_seed)
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)

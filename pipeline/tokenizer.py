@@ -7,12 +7,15 @@ is just [CLS] [SEP].
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 from tokenizers import Tokenizer as _Tokenizer
 from tokenizers import decoders, models, normalizers, pre_tokenizers
+
+from pipeline.errors import UserError
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -24,7 +27,8 @@ class Tokenizer:
         tok.no_truncation()
         ids = [tok.token_to_id(t) for t in ("[PAD]", "[CLS]", "[SEP]")]
         if None in ids:
-            raise ValueError("tokenizer lacks one of [PAD] [CLS] [SEP]")
+            missing = [t for t, i in zip(("[PAD]", "[CLS]", "[SEP]"), ids) if i is None]
+            raise UserError(f"tokenizer lacks {' '.join(missing)}")
         self.pad_id, self.cls_id, self.sep_id = ids
 
     @property
@@ -41,6 +45,11 @@ class Tokenizer:
             mask[i, : len(row)] = 1
         return ids, mask
 
+    def word_starts(self, ids: np.ndarray) -> np.ndarray:
+        """Per token id: True where it starts a word (not a WordPiece continuation such as "##s")."""
+        prefix = getattr(self.tok.model, "continuing_subword_prefix", None) or "##"
+        return np.array([not (self.tok.id_to_token(int(i)) or "").startswith(prefix) for i in ids], bool)
+
     def save(self, path: str | Path) -> None:
         self.tok.save(str(path))
 
@@ -56,6 +65,36 @@ class Tokenizer:
 
         hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
         return cls(hf.backend_tokenizer)
+
+
+def checkpoint_tokenizer(folder: str | Path, max_length: int, extra_positions: int = 0) -> Tokenizer:
+    """The tokenizer of a Hugging Face BERT folder, checked against its config: every id the
+    tokenizer can emit has a row in the embedding matrix, [PAD] [CLS] [SEP] [UNK] exist, [PAD] is
+    the model's pad id, and max_length (+ MMBT's image tokens) fits the position embeddings."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"text checkpoint {folder}: no readable config.json ({exc})") from None
+    if not any((folder / f).is_file() for f in ("tokenizer.json", "vocab.txt")):
+        raise UserError(f"text checkpoint {folder}: no tokenizer.json or vocab.txt (the tokenizer must come "
+                        "with the checkpoint: its ids index the embedding matrix)")
+    tok = Tokenizer.load(folder)
+    where = f"text checkpoint {folder}"
+    if tok.tok.token_to_id("[UNK]") is None:
+        raise UserError(f"{where}: tokenizer lacks [UNK]")
+    vocab = config.get("vocab_size")
+    if vocab is None or tok.vocab_size > vocab:
+        raise UserError(f"{where}: tokenizer has {tok.vocab_size} tokens but the model's embeddings have "
+                        f"{vocab} rows (tokenizer and weights do not belong together)")
+    pad = config.get("pad_token_id")
+    if pad is not None and pad != tok.pad_id:
+        raise UserError(f"{where}: [PAD] is id {tok.pad_id} in the tokenizer but {pad} in config.json")
+    positions = config.get("max_position_embeddings", 512)
+    if max_length + extra_positions > positions:
+        raise UserError(f"{where}: max_length {max_length} + {extra_positions} image tokens exceed its "
+                        f"{positions} position embeddings")
+    return tok
 
 
 def _wordpiece(vocab: dict[str, int]) -> _Tokenizer:

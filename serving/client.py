@@ -1,10 +1,13 @@
-"""TritonBackend: pipeline.backend.InProcessBackend's interface, with the models behind a Triton server.
+"""TritonBackend: pipeline.backend.Backend's interface, with the models behind a Triton server.
 
 Preprocessing stays local (pipeline.preprocess with the bundle's tokenizer and preset); only
 tensors travel. The server may be `shapstack serve` (PyTriton, torch) or the NGC tritonserver
 image on an exported repository (ONNX): both serve the models of serving.signatures under the
 same names, and the construction-time check compares what the server declares with what this
 bundle needs, so a server holding another bundle's models fails there and not with odd logits.
+Each model also carries the id of the bundle it was made from (serving.signatures.BUNDLE_PARAMETER):
+another bundle of the same shape is refused on connect, and again after any reconnect (a server
+restarted with another repository), before a result of it is used.
 
 Large calls (MM-SHAP sends thousands of coalitions at once) go in chunks of at most batch_size
 rows, and never more than the model's max_batch_size. Connection failures are retried with
@@ -14,15 +17,16 @@ exponential backoff, then raised as TritonUnavailable (a ConnectionError) with o
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, TypeVar
 from urllib.parse import urlsplit
 
 import numpy as np
 
+from pipeline.backend import Backend
 from pipeline.bundle import Bundle
-from pipeline.preprocess import Encoded, encode_products
-from pipeline.records import Limits, Product
-from serving.signatures import ENCODE_IMAGE, FUSE, IMAGE, MULTIMODAL, TEXT, WIRE_DTYPES, Signature, signatures
+from pipeline.errors import UserError
+from pipeline.records import Limits
+from serving.signatures import BUNDLE_PARAMETER, WIRE_DTYPES, Signature, signatures
 
 T = TypeVar("T")
 SCHEMES = {"http": 8000, "https": 8000, "grpc": 8001}
@@ -37,7 +41,7 @@ class NotReady(OSError):
     """Answering but not ready (starting, loading models, or not a Triton server): retried."""
 
 
-class TritonMismatch(ValueError):
+class TritonMismatch(UserError):
     """The server is up but does not serve this bundle's models (names, shapes or label count)."""
 
 
@@ -58,14 +62,14 @@ def _reason(exc: BaseException) -> str:
     return " ".join(f"{type(exc).__name__}: {text}".split())[:200]
 
 
-class TritonBackend:
+class TritonBackend(Backend):
     def __init__(self, url: str, bundle: Bundle, batch_size: int = 64, limits: Limits = Limits(),
                  timeout_s: float = 120.0, retries: int = 3, backoff_s: float = 0.25):
         parts = urlsplit(url if "://" in url else f"http://{url}")
         if parts.scheme not in SCHEMES or not parts.hostname:
-            raise ValueError(f"Triton URL must be http://host:port or grpc://host:port, not {url!r}")
-        self.url, self.bundle, self.batch_size, self.limits = url, bundle, batch_size, limits
-        self.labels, self.num_image_embeds = bundle.labels, bundle.preset["num_image_embeds"]
+            raise UserError(f"Triton URL must be http://host:port or grpc://host:port, not {url!r}")
+        super().__init__(bundle, batch_size, limits)
+        self.url = url
         self.timeout_s, self.retries, self.backoff_s = timeout_s, retries, backoff_s
         self.grpc = parts.scheme == "grpc"
         address = f"{parts.hostname}:{parts.port or SCHEMES[parts.scheme]}"
@@ -80,6 +84,7 @@ class TritonBackend:
         self._tc = tc
         self.signatures = signatures(bundle)
         self._max_rows: dict[str, int] = {}
+        self._suspect = False  # a connection failed since the bundle was last checked
         try:
             self._check()
         except BaseException:
@@ -88,7 +93,7 @@ class TritonBackend:
 
     # ------------------------------------------------------------------------------ transport
 
-    def _call(self, fn: Callable[..., T], *args: Any, timeout_s: float | None = None, **kwargs: Any) -> T:
+    def _retrying(self, fn: Callable[..., T], *args: Any, timeout_s: float | None = None, **kwargs: Any) -> T:
         if self.grpc:
             kwargs["client_timeout"] = timeout_s or self.timeout_s
         for attempt in range(self.retries + 1):
@@ -97,6 +102,7 @@ class TritonBackend:
             except Exception as exc:  # noqa: BLE001 - classified right below
                 if not _transient(exc):
                     raise
+                self._suspect = True
                 if attempt == self.retries:
                     raise TritonUnavailable(f"Triton server at {self.url} unavailable after {self.retries + 1} "
                                             f"attempts: {_reason(exc)}") from None
@@ -105,7 +111,7 @@ class TritonBackend:
 
     def _json(self, fn: Callable[..., dict], name: str) -> dict:
         kwargs = {"as_json": True} if self.grpc else {}
-        out = self._call(fn, name, timeout_s=CONNECT_TIMEOUT_S, **kwargs)
+        out = self._retrying(fn, name, timeout_s=CONNECT_TIMEOUT_S, **kwargs)
         return out.get("config", out) if self.grpc else out
 
     def _check(self) -> None:
@@ -114,9 +120,9 @@ class TritonBackend:
             if not self._client.is_server_ready(**kwargs):
                 raise NotReady("not ready (starting up, or not a Triton server)")
 
-        self._call(ready, timeout_s=CONNECT_TIMEOUT_S)
+        self._retrying(ready, timeout_s=CONNECT_TIMEOUT_S)
         for sig in self.signatures.values():
-            if not self._call(self._client.is_model_ready, sig.name, timeout_s=CONNECT_TIMEOUT_S):
+            if not self._retrying(self._client.is_model_ready, sig.name, timeout_s=CONNECT_TIMEOUT_S):
                 raise TritonMismatch(f"Triton server at {self.url} has no ready model {sig.name!r} "
                                      f"(bundle {self.bundle.bundle_id})")
             meta = self._json(self._client.get_model_metadata, sig.name)
@@ -126,10 +132,30 @@ class TritonBackend:
             if served != wanted:
                 raise TritonMismatch(f"Triton model {sig.name!r} at {self.url} does not fit bundle "
                                      f"{self.bundle.bundle_id}: serves {served}, bundle needs {wanted}")
-            max_batch = int(self._json(self._client.get_model_config, sig.name).get("max_batch_size", 0))
+            config = self._json(self._client.get_model_config, sig.name)
+            self._check_bundle(sig.name, config)
+            max_batch = int(config.get("max_batch_size", 0))
             self._max_rows[sig.name] = min(self.batch_size, max_batch) if max_batch > 0 else self.batch_size
+        self._suspect = False
 
-    def _infer(self, name: str, *arrays: np.ndarray) -> np.ndarray:
+    def _check_bundle(self, name: str, config: dict) -> None:
+        """The model serves this bundle: its config says so (TritonMismatch otherwise)."""
+        value = config.get("parameters", {}).get(BUNDLE_PARAMETER, {})
+        served = value.get("string_value", value.get("stringValue")) if isinstance(value, dict) else None
+        if served != self.bundle.bundle_id:
+            raise TritonMismatch(f"Triton model {name!r} at {self.url} serves bundle {served or 'unknown'}, "
+                                 f"not {self.bundle.bundle_id}: serve or export this bundle")
+
+    def _recheck(self) -> None:
+        """After a reconnect: the server may have come back with other models."""
+        for sig in self.signatures.values():
+            self._check_bundle(sig.name, self._json(self._client.get_model_config, sig.name))
+        self._suspect = False
+
+    def _serves(self, kind: str) -> bool:
+        return kind in self.signatures
+
+    def _call(self, name: str, *arrays: np.ndarray) -> np.ndarray:
         """One model over row chunks of the arrays; float32 (B, *output dims)."""
         sig: Signature = self.signatures[name]
         arrays = tuple(np.asarray(a, dtype=t.dtype) for a, t in zip(arrays, sig.inputs))
@@ -141,8 +167,10 @@ class TritonBackend:
                 x = self._tc.InferInput(t.name, list(chunk.shape), WIRE_DTYPES[t.dtype])
                 x.set_data_from_numpy(chunk)
                 inputs.append(x)
-            result = self._call(self._client.infer, name, inputs,
+            result = self._retrying(self._client.infer, name, inputs,
                                 outputs=[self._tc.InferRequestedOutput(sig.output.name)])
+            if self._suspect:
+                self._recheck()
             out.append(result.as_numpy(sig.output.name))
         if not out:
             return np.zeros((0, *sig.output.dims), np.float32)
@@ -156,32 +184,3 @@ class TritonBackend:
 
     def __exit__(self, *_) -> None:
         self.close()
-
-    # ------------------------------------------------------------------------------ the backend interface
-
-    def encode(self, products: Sequence[Product]) -> Encoded:
-        return encode_products(products, self.bundle.tokenizer, self.bundle.preset, self.limits)
-
-    def base_logits(self, enc: Encoded) -> dict[str, np.ndarray]:
-        """{"text", "image", "multimodal"} -> (B, K) logits, for the models the bundle holds."""
-        calls = {
-            "text": lambda: self._infer(TEXT, enc.input_ids, enc.text_mask),
-            "image": lambda: self._infer(IMAGE, enc.pixel_values),
-            "multimodal": lambda: self.multimodal_logits(enc.input_ids, enc.text_mask, enc.clip_pixels,
-                                                         enc.image_mask(self.num_image_embeds)),
-        }
-        return {k: calls[k]() for k in calls if k in self.signatures}
-
-    def image_embeddings(self, x: Encoded | np.ndarray) -> np.ndarray:
-        """CLIP pixels (B, 3, S, S) or an Encoded -> MMBT image tokens (B, N, H)."""
-        return self._infer(ENCODE_IMAGE, x.clip_pixels if isinstance(x, Encoded) else x)
-
-    def fusion_logits(self, input_ids: np.ndarray, text_mask: np.ndarray, image_embeds: np.ndarray,
-                      image_mask: np.ndarray) -> np.ndarray:
-        """MM-SHAP token mode: (B, K) from precomputed image tokens and player masks."""
-        return self._infer(FUSE, input_ids, text_mask, image_embeds, image_mask)
-
-    def multimodal_logits(self, input_ids: np.ndarray, text_mask: np.ndarray, pixels: np.ndarray,
-                          image_mask: np.ndarray) -> np.ndarray:
-        """MM-SHAP pixel mode (and plain inference): (B, K) from CLIP pixels (patches zeroed by the caller)."""
-        return self._infer(MULTIMODAL, input_ids, text_mask, pixels, image_mask)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from pipeline.bundle import Bundle, load_bundle
-from serving.signatures import INT, TRITON_DTYPES, Signature, Tensor, signatures
+from serving.signatures import BUNDLE_PARAMETER, INT, TRITON_DTYPES, Signature, Tensor, signatures
 
 SIDECAR = "shapstack.json"
 EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf's 2 GB limit: larger models keep weights beside the graph
@@ -74,7 +74,8 @@ def max_abs_diff(sig: Signature, fn: Callable, onnx_path: Path, vocab_size: int,
     return float(np.abs(got - want).max())
 
 
-def config_pbtxt(sig: Signature, max_batch_size: int, kind: str, queue_delay_us: int, count: int = 1) -> str:
+def config_pbtxt(sig: Signature, max_batch_size: int, kind: str, queue_delay_us: int, count: int = 1,
+                 bundle_id: str = "") -> str:
     def tensor(t) -> str:
         return f'  {{ name: "{t.name}" data_type: {TRITON_DTYPES[t.dtype]} dims: [ {", ".join(map(str, t.dims))} ] }}'
 
@@ -86,6 +87,7 @@ def config_pbtxt(sig: Signature, max_batch_size: int, kind: str, queue_delay_us:
         "output [", tensor(sig.output), "]",
         f"dynamic_batching {{ max_queue_delay_microseconds: {queue_delay_us} }}",
         f"instance_group [ {{ count: {count} kind: {kind} }} ]",
+        f'parameters {{ key: "{BUNDLE_PARAMETER}" value: {{ string_value: "{bundle_id}" }} }}',
         "",
     ])
 
@@ -93,6 +95,12 @@ def config_pbtxt(sig: Signature, max_batch_size: int, kind: str, queue_delay_us:
 def read_config(path: str | Path) -> tuple[Signature, int]:
     """A config.pbtxt (ours, or edited by hand) -> its signature and max_batch_size, parsed with
     Triton's own ModelConfig schema."""
+    sig, max_batch_size, _ = read_config_bundle(path)
+    return sig, max_batch_size
+
+
+def read_config_bundle(path: str | Path) -> tuple[Signature, int, str | None]:
+    """read_config, and the bundle id the model carries (None: exported before models carried it)."""
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
 
@@ -105,7 +113,8 @@ def read_config(path: str | Path) -> tuple[Signature, int]:
     if len(cfg.output) != 1:
         raise ValueError(f"{path}: shapstack models have exactly one output")
     sig = Signature(cfg.name, cfg.name, None, tuple(tensor(t) for t in cfg.input), tensor(cfg.output[0]))
-    return sig, cfg.max_batch_size
+    bundle = cfg.parameters[BUNDLE_PARAMETER].string_value if BUNDLE_PARAMETER in cfg.parameters else None
+    return sig, cfg.max_batch_size, bundle
 
 
 def export_onnx(sig: Signature, models: dict[str, nn.Module], path: Path) -> None:
@@ -149,7 +158,8 @@ def export_repository(bundle_path: str | Path, out: str | Path, *, max_batch_siz
         folder = out / sig.name
         fn = sig.torch_fn(bundle.models)
         export_onnx(sig, bundle.models, folder / "1" / "model.onnx")
-        (folder / "config.pbtxt").write_text(config_pbtxt(sig, max_batch_size, kind, queue_delay_us, instances))
+        (folder / "config.pbtxt").write_text(config_pbtxt(sig, max_batch_size, kind, queue_delay_us, instances,
+                                                                bundle.bundle_id))
         if check:
             errors[sig.name] = max_abs_diff(sig, fn, folder / "1" / "model.onnx", vocab_size(bundle, sig))
             if errors[sig.name] > atol:

@@ -21,8 +21,9 @@ import numpy as np
 
 from pipeline.backend import InProcessBackend
 from pipeline.bundle import load_bundle, resolve_device
-from serving.export import read_config
-from serving.signatures import Signature, signatures
+from pipeline.errors import UserError
+from serving.export import read_config_bundle
+from serving.signatures import BUNDLE_PARAMETER, Signature, signatures
 
 
 def python_backend_env() -> None:
@@ -47,7 +48,7 @@ def check_ports(*ports: int) -> None:
             try:
                 s.bind(("0.0.0.0", port))
             except OSError as exc:
-                raise ValueError(f"port {port} is not free: {exc.strerror}") from None
+                raise UserError(f"port {port} is not free: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,14 @@ class Served:
     sig: Signature
     run: Callable[..., np.ndarray]  # the input arrays in signature order -> the output array
     max_batch_size: int
+    bundle_id: str | None  # what the client checks (serving.signatures.BUNDLE_PARAMETER)
 
 
 def torch_models(bundle_path: str, device: str, max_batch_size: int) -> list[Served]:
     """The bundle's models through the InProcessBackend's own runner (chunks, inference mode,
     autocast on a GPU), so that served logits are the in-process ones."""
     backend = InProcessBackend(load_bundle(bundle_path, device=device), device=device, batch_size=max_batch_size)
-    return [Served(sig, partial(backend._run, sig.torch_fn(backend.models)), max_batch_size)
+    return [Served(sig, partial(backend._call, sig.name), max_batch_size, backend.bundle.bundle_id)
             for sig in signatures(backend.bundle).values()]
 
 
@@ -76,15 +78,15 @@ def onnx_models(repository: str | Path, device: str) -> list[Served]:
     options.intra_op_num_threads = int(os.environ.get("OMP_NUM_THREADS", 0))  # 0: onnxruntime's default
     out = []
     for config in sorted(Path(repository).glob("*/config.pbtxt")):
-        sig, max_batch_size = read_config(config)
+        sig, max_batch_size, bundle_id = read_config_bundle(config)
         session = ort.InferenceSession(str(config.parent / "1" / "model.onnx"), options, providers=providers)
 
         def run(*xs: np.ndarray, sig=sig, session=session) -> np.ndarray:
             return session.run([sig.output.name], {t.name: x for t, x in zip(sig.inputs, xs)})[0]
 
-        out.append(Served(sig, run, max_batch_size))
+        out.append(Served(sig, run, max_batch_size, bundle_id))
     if not out:
-        raise ValueError(f"{repository}: no <model>/config.pbtxt (not a model repository)")
+        raise UserError(f"{repository}: no <model>/config.pbtxt (not a model repository)")
     return out
 
 
@@ -107,6 +109,15 @@ def bind(triton, models: list[Served], queue_delay_us: int) -> None:
                     config=ModelConfig(max_batch_size=m.max_batch_size,
                                        batcher=DynamicBatcher(max_queue_delay_microseconds=queue_delay_us)),
                     strict=True)
+    # PyTriton's ModelConfig has no parameters of its own: the bundle id goes into the Triton model
+    # config it generated (cached per model), written again to its local model store
+    bundles = {m.sig.name: m.bundle_id for m in models}
+    manager = triton._model_manager
+    for model in manager.models:
+        if bundles.get(model.model_name):
+            model._get_triton_model_config().backend_parameters[BUNDLE_PARAMETER] = bundles[model.model_name]
+            if manager._model_store_path is not None:
+                model.generate_model(manager._model_store_path)
 
 
 def serve(bundle_path: str | None = None, repository: str | None = None, *, http_port: int = 8000,
@@ -115,7 +126,7 @@ def serve(bundle_path: str | None = None, repository: str | None = None, *, http
     """Serve a bundle (torch) or an exported repository (onnxruntime) until SIGINT / SIGTERM (True)
     or until Triton dies (False)."""
     if (bundle_path is None) == (repository is None):
-        raise ValueError("serve a bundle or an exported repository, not both or neither")
+        raise UserError("serve a bundle or an exported repository, not both or neither")
     from pytriton.client.exceptions import PyTritonClientError
     from pytriton.triton import Triton, TritonConfig, TritonLifecyclePolicy
 

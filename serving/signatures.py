@@ -15,8 +15,13 @@ from typing import Callable
 import numpy as np
 from torch import nn
 
+from pipeline.backend import ENCODE_IMAGE, FUSE, IMAGE, MULTIMODAL, TEXT
 from pipeline.bundle import Bundle
 from pipeline.preprocess import image_size
+
+# every served model carries the id of the bundle it came from (a model config parameter), which
+# the client checks on connect and after every reconnect
+BUNDLE_PARAMETER = "shapstack_bundle_id"
 
 INT, FLOAT = np.dtype(np.int64), np.dtype(np.float32)
 TRITON_DTYPES = {INT: "TYPE_INT64", FLOAT: "TYPE_FP32"}
@@ -43,9 +48,6 @@ class Signature:
         return getattr(model, self.method) if self.method else model
 
 
-# Triton model names; the client maps its methods onto these.
-TEXT, IMAGE, MULTIMODAL = "text", "image", "multimodal"
-ENCODE_IMAGE, FUSE = "multimodal_encode_image", "multimodal_fuse"
 
 
 def signatures(bundle: Bundle) -> dict[str, Signature]:

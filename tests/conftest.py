@@ -74,10 +74,45 @@ def tiny_bundle(tmp_path_factory):
     """(feed, bundle): a tiny-preset bundle trained once per session on a generated catalogue,
     with a quarter of the groups held out (`--split test`) and a few products missing a modality."""
     from pipeline.synthetic import make_catalogue
-    from train.crossfit import TrainConfig, train_bundle
+    from train.data import TrainConfig
+    from train.train_bundle import train_bundle
 
     root = tmp_path_factory.mktemp("tiny")
     feed = make_catalogue(root / "cat", 320, 6, seed=1, image_size=32, drop_image=0.04, drop_text=0.04)
-    cfg = TrainConfig(preset="tiny", folds=2, min_class_size=5, mmshap_budget=64, test_fraction=0.25, seed=0)
+    cfg = TrainConfig(preset="tiny", folds=2, min_class_size=5, mmshap_budget=160, test_fraction=0.25, seed=0,
+                      paper_epochs=300)
     train_bundle(feed, root / "bundle", cfg, log=lambda *a: None)
     return feed, root / "bundle"
+
+
+@pytest.fixture(scope="session")
+def quick_bundle(tmp_path_factory):
+    """(feed, bundle): like tiny_bundle but trained in seconds (one epoch, one held-out fold, the
+    mmshap stacker only), for tests of what surrounds the models: CLI, exports, BI, the report."""
+    from pipeline.synthetic import make_catalogue
+    from train.data import TrainConfig
+    from train.train_bundle import train_bundle
+
+    root = tmp_path_factory.mktemp("quick")
+    feed = make_catalogue(root / "cat", 160, 4, seed=3, image_size=32, drop_image=0.06, drop_text=0.06)
+    cfg = TrainConfig(preset="tiny", folds=1, min_class_size=5, mmshap_budget=160, epochs=1, test_fraction=0.25,
+                      seed=0, stackers=("mmshap",))
+    train_bundle(feed, root / "bundle", cfg, log=lambda *a: None)
+    return feed, root / "bundle"
+
+
+def classify_with_rejects(feed, bundle, database_url: str, cwd) -> None:
+    """Classify the test side of feed plus two bad rows (an image that is not there, a row with
+    nothing usable) into database_url, as a user does (a `shapstack` subprocess)."""
+    import subprocess
+    import sys
+
+    mine = feed.parent / f"copy-{uuid.uuid4().hex[:8]}.csv"  # images are relative to the feed's folder
+    mine.write_text(feed.read_text() + "P900001,G,no image,,missing.jpg,text_01,text,0\nP900002,G,,,,text_01,text,0\n")
+    try:
+        r = subprocess.run([sys.executable, "-m", "shapstack", "--db", database_url, "classify", str(mine),
+                            "--bundle", str(bundle), "--split", "test", "--mmshap-budget", "160"],
+                           cwd=cwd, capture_output=True, text=True, timeout=600)
+    finally:
+        mine.unlink()
+    assert r.returncode == 0, r.stderr

@@ -51,6 +51,6 @@ def test_settings_precedence(tmp_path: Path):
     cfg.write_text('batch_size = 7\nbroker_url = "redis://file"\nmmshap_budget = 10\n')
     s = load_settings(cfg, env={"SHAPSTACK_BROKER_URL": "redis://env", "SHAPSTACK_ALLOW_IMAGE_URLS": "yes"},
                       mmshap_budget=99)
-    assert (s.batch_size, s.broker_url, s.allow_image_urls, s.mmshap_budget) == (7, "redis://env", True, 99)
+    assert (s.batch_size, s.broker_url, s.limits.allow_image_urls, s.mmshap_budget) == (7, "redis://env", True, 99)
     assert s.distributed and not load_settings(env={}).distributed
     assert load_settings(env={}).database_url.startswith("sqlite")

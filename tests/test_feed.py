@@ -117,7 +117,9 @@ def test_urls_need_the_setting(feed_dir: Path):
     [item] = read_feed(path, Limits(allow_image_urls=True, verify_images=False))
     assert isinstance(item, Product) and item.image == "http://127.0.0.1:9/x.jpg"
     [item] = read_feed(path, Limits(allow_image_urls=True, url_timeout_s=2))
-    assert isinstance(item, Reject) and "URL unreadable" in item.reason
+    assert isinstance(item, Reject) and item.code == "url_not_global"
+    [item] = read_feed(path, Limits(allow_image_urls=True, url_timeout_s=2, url_allow_networks=("127.0.0.0/8",)))
+    assert isinstance(item, Reject) and item.code == "url_unreadable" and "could not be fetched" in item.reason
 
 
 def test_jsonl_and_parquet_give_the_same_products(feed_dir: Path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +14,8 @@ from PIL import Image, ImageDraw
 from pipeline.backend import InProcessBackend
 from pipeline.bundle import Bundle, BundleError, load_bundle, save_bundle
 from pipeline.models import KINDS, create_model
-from pipeline.preprocess import encode_products
-from pipeline.presets import PRESETS, get_preset
+from pipeline.preprocess import ImagesUnreadable, encode_products
+from pipeline.presets import get_preset, preset_names
 from pipeline.records import Product
 from pipeline.tokenizer import Tokenizer, train_tokenizer
 
@@ -40,13 +41,12 @@ def products(tmp_path_factory) -> list[Product]:
     out.append(Product("no-image", "Blue shoe", "", None, "shoe"))
     out.append(Product("no-text", "", "", str(root / "0.jpg"), "dress"))
     out.append(Product("nothing", "", "", None, "bag"))
-    out.append(Product("broken", "Bag", "", str(root / "missing.jpg"), "bag"))
     return out
 
 
 @pytest.fixture(scope="module")
 def tokenizer(products) -> Tokenizer:
-    return train_tokenizer([p.text for p in products] * 5, vocab_size=PRESETS["tiny"]["vocab_size"], min_frequency=1)
+    return train_tokenizer([p.text for p in products] * 5, vocab_size=get_preset("tiny")["vocab_size"], min_frequency=1)
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +65,10 @@ def t(a):
 
 
 def test_presets_are_plain_data():
-    for name, p in PRESETS.items():
+    for name, p in ((n, get_preset(n)) for n in preset_names()):
         assert p["name"] == name and set(p["train"]) == set(KINDS)
         json.dumps(p)
-    assert PRESETS["paper"]["max_length"] == 120 and PRESETS["paper"]["num_image_embeds"] == 4
+    assert get_preset("paper")["max_length"] == 120 and get_preset("paper")["num_image_embeds"] == 4
     with pytest.raises(ValueError):
         get_preset("huge")
 
@@ -85,22 +85,25 @@ def test_tokenizer_layout_and_roundtrip(tokenizer, tmp_path):
 
 
 def test_encode_products(enc, products, tokenizer):
-    p = PRESETS["tiny"]
+    p = get_preset("tiny")
     assert enc.input_ids.shape == (len(products), p["max_length"])
     assert enc.pixel_values.shape[1:] == (3, p["resnet"]["image_size"], p["resnet"]["image_size"])
     assert enc.clip_pixels.shape[1:] == (3, p["clip"]["image_size"], p["clip"]["image_size"])
     assert enc.pixel_values.dtype == enc.clip_pixels.dtype == np.float32
     ix = {x.product_id: i for i, x in enumerate(products)}
-    assert not enc.has_image[[ix["no-image"], ix["nothing"], ix["broken"]]].any() and enc.has_image[ix["no-text"]]
+    assert not enc.has_image[[ix["no-image"], ix["nothing"]]].any() and enc.has_image[ix["no-text"]]
     assert not enc.has_text[[ix["no-text"], ix["nothing"]]].any() and enc.text_mask[ix["no-text"]].sum() == 2
-    assert not enc.pixel_values[ix["broken"]].any() and enc.pixel_values[0].any()
+    assert not enc.pixel_values[ix["no-image"]].any() and enc.pixel_values[0].any()
+    broken = Product("broken", "Bag", "", str(Path(products[0].image).parent / "missing.jpg"), "bag")
+    with pytest.raises(ImagesUnreadable, match="broken"):  # never a silent text-only product
+        encode_products([products[0], broken], tokenizer, "tiny")
     aug = encode_products(products[:3], tokenizer, "tiny", train=True)
     assert aug.pixel_values.shape == (3, *enc.pixel_values.shape[1:]) and aug.has_image.all()
 
 
 def test_every_kind_gives_finite_logits_and_trains(models, enc):
     n, k = len(enc), len(LABELS)
-    im = t(enc.image_mask(PRESETS["tiny"]["num_image_embeds"]))
+    im = t(enc.image_mask(get_preset("tiny")["num_image_embeds"]))
     inputs = {"text": (t(enc.input_ids), t(enc.text_mask)), "image": (t(enc.pixel_values),),
               "multimodal": (t(enc.input_ids), t(enc.text_mask), t(enc.clip_pixels), im)}
     for kind, model in models.items():
@@ -115,7 +118,7 @@ def test_every_kind_gives_finite_logits_and_trains(models, enc):
 
 def test_multimodal_masks_and_fuse(models, enc):
     mm = models["multimodal"]
-    n_img = PRESETS["tiny"]["num_image_embeds"]
+    n_img = get_preset("tiny")["num_image_embeds"]
     ids, tm, px = t(enc.input_ids[:4]), t(enc.text_mask[:4]), t(enc.clip_pixels[:4])
     full = torch.ones(4, n_img, dtype=torch.long)
     with torch.no_grad():
@@ -143,7 +146,7 @@ def test_backend_missing_modalities_and_modes(models, tokenizer, enc, products, 
     for kind, z in out.items():
         assert z.shape == (len(products), len(LABELS)) and z.dtype == np.float32 and np.isfinite(z).all(), kind
     emb = be.image_embeddings(enc)
-    im = enc.image_mask(PRESETS["tiny"]["num_image_embeds"])
+    im = enc.image_mask(get_preset("tiny")["num_image_embeds"])
     np.testing.assert_allclose(be.fusion_logits(enc.input_ids, enc.text_mask, emb, im), out["multimodal"], atol=1e-5)
     np.testing.assert_allclose(be.multimodal_logits(enc.input_ids, enc.text_mask, enc.clip_pixels, im),
                                out["multimodal"], atol=1e-6)
@@ -212,7 +215,7 @@ def test_local_checkpoints(tmp_path):
     image = create_model("image", preset, 4, checkpoint=tmp_path / "r18.pth")
     assert torch.equal(image.layer4[1].conv2.weight, r18.layer4[1].conv2.weight) and image.fc.out_features == 4
 
-    vision = PRESETS["tiny"]["clip"]
+    vision = get_preset("tiny")["clip"]
     clip = open_clip.model.CLIP(embed_dim=16, vision_cfg=vision,
                                 text_cfg=dict(context_length=8, vocab_size=50, width=16, heads=2, layers=1))
     save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(tmp_path / "clip.safetensors"))

@@ -19,17 +19,18 @@ from pipeline.backend import InProcessBackend
 from pipeline.bundle import load_bundle, save_bundle
 from pipeline.feed import read_feed
 from pipeline.models import KINDS, create_model
-from pipeline.records import Product
-from pipeline.runner import infer, stack
-from pipeline.stacking import make_stacker
+from pipeline.records import Limits, Product
+from pipeline.inference import infer, stack
+from pipeline.mmshap import MMShapConfig
+from pipeline.stackers import make_stacker
 from pipeline.synthetic import make_catalogue
 from pipeline.tokenizer import train_tokenizer
 from serving.client import TritonBackend, TritonMismatch, TritonUnavailable
 from serving.export import SIDECAR, max_abs_diff, vocab_size
 from serving.local import free_port, http_ok, serve_subprocess
-from serving.signatures import TRITON_DTYPES, signatures
-from shapstack.cli import load_extensions, make_backend
-from shapstack.settings import Settings
+from serving.signatures import BUNDLE_PARAMETER, TRITON_DTYPES, signatures
+from jobs.models import make_backend
+from shapstack.cli import cli
 
 ATOL = 1e-4
 
@@ -77,7 +78,7 @@ def bundle(bundle_dir):
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory, bundle_dir) -> Path:
     out = tmp_path_factory.mktemp("repo") / "models"
-    res = CliRunner().invoke(load_extensions(), ["export-triton", "--bundle", str(bundle_dir), "--out", str(out),
+    res = CliRunner().invoke(cli, ["export-triton", "--bundle", str(bundle_dir), "--out", str(out),
                                                  "--max-batch-size", "64", "--cpu"])
     assert res.exit_code == 0, res.output
     assert "wrote 5 models" in res.output
@@ -124,12 +125,13 @@ def test_export_writes_a_checked_onnx_repository(repo, bundle, bundle_dir):
             [(t.name, TRITON_DTYPES[t.dtype], t.dims) for t in sig.inputs]
         assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
         assert mc.ModelInstanceGroup.Kind.Name(cfg.instance_group[0].kind) == "KIND_CPU"
+        assert cfg.parameters[BUNDLE_PARAMETER].string_value == bundle.bundle_id
 
     # a re-export replaces the models in place; a folder that is something else is refused
     other = repo.parent / "other"
     other.mkdir()
     (other / "keep.txt").write_text("x")
-    res = CliRunner().invoke(load_extensions(), ["export-triton", "--bundle", str(bundle_dir), "--out", str(other)])
+    res = CliRunner().invoke(cli, ["export-triton", "--bundle", str(bundle_dir), "--out", str(other)])
     assert res.exit_code == 2 and "not a shapstack model repository" in res.output
 
 
@@ -185,7 +187,8 @@ def run_modes(backend, products: list[Product]) -> dict[str, tuple]:
     out = {}
     for mode in MODES:
         rec = Recorder(backend)
-        out[mode] = infer(rec, products, budget=BUDGET, mode=mode, seed=5), np.concatenate(rec.coalitions)
+        out[mode] = (infer(rec, products, MMShapConfig(mode=mode, budget=BUDGET), seed_key="serving-test"),
+                     np.concatenate(rec.coalitions))
     return out
 
 
@@ -207,7 +210,7 @@ def in_process(bundle, products):
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_triton_backend_matches_in_process(server, bundle, products, in_process, protocol):
     local, reference = in_process
-    remote = make_backend(Settings(triton_url=server[protocol], batch_size=BATCH), bundle)
+    remote = make_backend(bundle, triton_url=server[protocol], device="cpu", batch_size=BATCH, limits=Limits())
     assert isinstance(remote, TritonBackend)
     assert remote.labels == local.labels and remote.num_image_embeds == local.num_image_embeds
     stacker = make_stacker("mean")
@@ -241,7 +244,7 @@ def test_classify_cli_through_triton_matches_in_process(server, bundle_dir, feed
         if url:
             monkeypatch.setenv("SHAPSTACK_TRITON_URL", url)
         out = tmp_path / f"{name}.jsonl"
-        res = CliRunner().invoke(load_extensions(), [
+        res = CliRunner().invoke(cli, [
             "--db", f"sqlite:///{tmp_path / name}.db", "classify", str(feed), "--bundle", str(bundle_dir),
             "--stacker", "mean", "--mmshap-budget", "24", "--out", str(out), "--device", "cpu"])
         assert res.exit_code == 0, res.output
@@ -261,6 +264,23 @@ def test_server_with_another_bundle_is_refused(server, tmp_path, products):
                                     kinds=("text",)), device="cpu")
     with pytest.raises(TritonMismatch, match="does not fit bundle"):
         TritonBackend(server["http"], other)
+
+
+@needs_pytriton
+@pytest.mark.triton
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_server_with_another_bundle_of_the_same_shape_is_refused(server, bundle, tmp_path, protocol):
+    """Same preset, labels and tokenizer, other weights: every tensor fits, only the bundle id tells."""
+    twin_dir = tmp_path / "twin"
+    torch.manual_seed(1)
+    models = {k: create_model(k, "tiny", len(bundle.labels), vocab_size=bundle.tokenizer.vocab_size).eval()
+              for k in KINDS}
+    save_bundle(twin_dir, preset="tiny", labels=bundle.labels, tokenizer=bundle.tokenizer, models=models)
+    twin = load_bundle(twin_dir, device="cpu")
+    assert twin.bundle_id != bundle.bundle_id
+    with pytest.raises(TritonMismatch, match=f"serves bundle {bundle.bundle_id}, not {twin.bundle_id}"):
+        TritonBackend(server[protocol], twin)
+    TritonBackend(server[protocol], bundle).close()  # its own bundle is served
 
 
 @pytest.mark.parametrize("scheme", ["http", "grpc"])

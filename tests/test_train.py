@@ -12,7 +12,8 @@ from pipeline.bundle import load_bundle
 from pipeline.records import Product
 from pipeline.feed import read_feed
 from pipeline.split import keep
-from train.crossfit import TrainConfig, train_bundle
+from train.data import TrainConfig
+from train.train_bundle import train_bundle
 from train.evaluate import evaluate_bundle
 
 
@@ -38,7 +39,7 @@ def test_each_base_model_learns_its_modality(tiny_bundle):
     assert acc("text", "text") >= 0.85 and acc("text", "text") > acc("image", "text") + 0.2
     # image-only classes: the mirror image
     assert acc("image", "image") >= 0.85 and acc("image", "image") > acc("text", "image") + 0.2
-    assert bundle.manifest["metrics"]["folds"] == 2 and set(bundle.manifest["extra"]["t_shap_reference"]) >= {"all"}
+    assert bundle.manifest["metrics"]["folds"] == 2 and "all" in bundle.manifest["extra"]["collapse_reference"]["stackers"]["mmshap"]
 
 
 def test_missing_modality_products_get_finite_logits(tiny_bundle):
@@ -58,7 +59,7 @@ def test_training_resumes_and_is_deterministic(tmp_path):
     from pipeline.synthetic import make_catalogue
 
     feed = make_catalogue(tmp_path / "c", 60, 4, seed=2, image_size=32)
-    cfg = TrainConfig(preset="tiny", folds=2, min_class_size=3, mmshap_budget=8, epochs=1, seed=3)
+    cfg = TrainConfig(preset="tiny", folds=2, min_class_size=3, mmshap_budget=8, epochs=1, seed=3, paper_epochs=50)
     logs: list[str] = []
     first = train_bundle(feed, tmp_path / "b", cfg, log=logs.append)
     assert not any("resumed" in line for line in logs)
@@ -86,3 +87,17 @@ def test_evaluate_reports_every_model_and_stacker(tiny_bundle, tmp_path):
         assert 0 <= row["macro_f1"] <= 1 and 0 <= row["accuracy"] <= 1
     files = {p.name for p in (tmp_path / "r").iterdir()}
     assert {"per_class.csv", "metrics.json", "table.txt", "confusion_multimodal.png"} <= files
+
+
+def test_evaluate_gives_intervals_and_refits_seeded_stackers(tiny_bundle):
+    feed, path = tiny_bundle
+    table = evaluate_bundle(feed, path, split="test", budget=16, seeds=2, n_boot=200, log=lambda *_: None)
+    best_base = max(("text", "image", "multimodal"), key=lambda k: table[k]["macro_f1"])
+    assert table[best_base]["diff_f1"] == 0 and table[best_base]["diff_f1_ci"] == [0.0, 0.0]
+    for name, row in table.items():
+        lo, hi = row["macro_f1_ci"]
+        assert lo <= row["macro_f1"] <= hi, name
+        lo, hi = row["diff_f1_ci"]
+        assert lo <= row["diff_f1"] + 1e-9 and row["diff_f1"] - 1e-9 <= hi, name
+    assert len(table["ffn"]["macro_f1_seeds"]) == 2 and table["ffn"]["macro_f1_seed_sd"] >= 0
+    assert "macro_f1_seeds" not in table["mmshap"]  # deterministic: nothing to repeat

@@ -4,33 +4,28 @@ weighted averages and accuracy, a per-class CSV and a confusion-matrix PNG."""
 from __future__ import annotations
 
 import csv
+import json
+import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+from scipy.sparse import hstack
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import precision_recall_fscore_support
 
-COLUMNS = ("macro_p", "macro_r", "macro_f1", "weighted_p", "weighted_r", "weighted_f1", "accuracy")
-
-
-def scores(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[int]) -> dict[str, float]:
-    """Macro averages over `labels` only (the classes evaluated), so absent classes do not count as 0."""
-    out = {}
-    for avg in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=list(labels), average=avg, zero_division=0)
-        out.update({f"{avg}_p": float(p), f"{avg}_r": float(r), f"{avg}_f1": float(f)})
-    out["accuracy"] = float(accuracy_score(y_true, y_pred))
-    return out
-
-
-def format_table(rows: dict[str, dict[str, float]], extra: dict[str, str] | None = None) -> str:
-    """Table II style: one line per model, P / R / F1 (macro), then weighted F1 and accuracy."""
-    head = f"{'model':<14} {'P':>6} {'R':>6} {'F1':>6}   {'wF1':>6} {'acc':>6}"
-    lines = [head, "-" * len(head)]
-    for name, s in rows.items():
-        lines.append(f"{name:<14} {s['macro_p']:6.3f} {s['macro_r']:6.3f} {s['macro_f1']:6.3f}   "
-                     f"{s['weighted_f1']:6.3f} {s['accuracy']:6.3f}" + (f"  {extra[name]}" if extra and name in extra else ""))
-    return "\n".join(lines)
+from jobs.plots import confusion_png
+from pipeline.backend import InProcessBackend
+from pipeline.bundle import load_bundle
+from pipeline.errors import UserError
+from pipeline.feed import batched
+from pipeline.inference import infer, stack_inputs
+from pipeline.metrics import bootstrap_scores, format_table_ci, scores
+from pipeline.mmshap import mmshap_config
+from pipeline.records import KINDS, Limits
+from pipeline.stackers import SEEDED, StackInputs, load_oof, load_stackers, make_stacker
+from train.data import TrainConfig, label_of, load_training_products
 
 
 def per_class_csv(path: Path, y_true: np.ndarray, preds: dict[str, np.ndarray], classes: Sequence[str],
@@ -44,36 +39,8 @@ def per_class_csv(path: Path, y_true: np.ndarray, preds: dict[str, np.ndarray], 
                 w.writerow([name, classes[c], int(s[i]), f"{p[i]:.4f}", f"{r[i]:.4f}", f"{f[i]:.4f}"])
 
 
-def confusion_png(path: Path, y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[str],
-                  labels: Sequence[int], title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cm = confusion_matrix(y_true, y_pred, labels=list(labels)).astype(float)
-    cm /= np.maximum(cm.sum(1, keepdims=True), 1)
-    n = len(labels)
-    size = min(4 + 0.25 * n, 16)
-    fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(cm, cmap="Blues", vmin=0, vmax=1)
-    names = [classes[c][:24] for c in labels]
-    ax.set_xticks(range(n), names, rotation=90, fontsize=max(4, 10 - n // 10))
-    ax.set_yticks(range(n), names, fontsize=max(4, 10 - n // 10))
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def tfidf_baseline(train_texts: list[str], y_train: np.ndarray, test_texts: list[str]) -> np.ndarray:
     """TF-IDF (word 1-2 grams + char 3-5 grams) + logistic regression: the sanity anchor."""
-    from scipy.sparse import hstack
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.linear_model import LogisticRegression
-
     word = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True)
     char = TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), min_df=2, sublinear_tf=True, max_features=200_000)
     xtr = hstack([word.fit_transform(train_texts), char.fit_transform(train_texts)]).tocsr()
@@ -83,44 +50,69 @@ def tfidf_baseline(train_texts: list[str], y_train: np.ndarray, test_texts: list
     return clf.classes_[clf.decision_function(xte).argmax(1)]
 
 
+def concat_inputs(parts: list[StackInputs]) -> StackInputs:
+    return StackInputs({k: np.concatenate([p.logits[k] for p in parts]) for k in parts[0].logits},
+                       *(np.concatenate([getattr(p, f) for p in parts])
+                         for f in ("t_shap", "has_text", "has_image", "t_stderr", "game_text_share")))
+
+
+def seed_spread(bundle_path, stackers: dict, x: StackInputs, y: np.ndarray, present: list[int], seeds: int,
+                log=print) -> dict[str, list[float]]:
+    """Macro-F1 of every seeded stacker refitted with seeds 0..seeds-1 on the bundle's out-of-fold inputs."""
+    oof = load_oof(bundle_path)
+    if oof is None:
+        raise UserError("the bundle keeps no out-of-fold inputs (trained before --seeds existed): retrain it")
+    x_oof, y_oof = oof
+    out: dict[str, list[float]] = {}
+    for name, fitted in stackers.items():
+        if name not in SEEDED:
+            continue
+        epochs = getattr(fitted, "cfg", {}).get("epochs")
+        for seed in range(seeds):
+            s = make_stacker(name, paper_epochs=epochs or 1).fit(x_oof, y_oof, seed=seed)
+            out.setdefault(name, []).append(scores(y, s.predict_proba(x).argmax(1), present)["macro_f1"])
+        log(f"  {name}: {seeds} seeds refitted")
+    return out
+
+
 def evaluate_bundle(feed, bundle_path, *, split: str | None = None, report: Path | None = None, limits=None,
-                    budget: int | None = None, device: str = "auto", batch_size: int = 64, tfidf: bool = False,
-                    log=print) -> dict[str, dict[str, float]]:
-    """Every base model and every stacker of a bundle on a labelled feed (or its held-out split)."""
-    import json
-    import time
+                    budget: int | None = None, mode: str | None = None, device: str = "auto", batch_size: int = 64,
+                    tfidf: bool = False, seeds: int = 1, n_boot: int = 1000, log=print,
+                    progress=None) -> dict[str, dict]:
+    """Every base model and every stacker of a bundle on a labelled feed (or its held-out split).
 
-    from pipeline.backend import InProcessBackend
-    from pipeline.bundle import load_bundle
-    from pipeline.explain import mmshap_config
-    from pipeline.feed import batched
-    from pipeline.records import Limits
-    from pipeline.runner import infer
-    from pipeline.stacking import KINDS, StackInputs, load_stackers
-    from train.crossfit import TrainConfig, label_of, load_training_products
-
+    budget, mode: MM-SHAP coalitions per product and image players, resolved as `classify` does
+    (None: as the bundle was trained). progress(n, total) is called after each batch.
+    Each row: P, R, F1 (macro and weighted), accuracy, 95% paired-bootstrap intervals of macro P,
+    R, F1 (n_boot resamples of the test products, seed 0) and of the macro-F1 difference to the
+    best base model; with seeds > 1, the seeded stackers are refitted on the bundle's out-of-fold
+    inputs with seeds 0..seeds-1 and each row gets the mean and spread of its macro-F1.
+    """
     limits = limits or Limits()
     bundle = load_bundle(bundle_path, device=device)
     extra = bundle.manifest.get("extra", {})
     cfg = TrainConfig(label_column=extra.get("label_column", "category"), seed=extra.get("seed", 0),
                       test_fraction=extra.get("test_fraction", 0.0))
     if split == "test" and not cfg.test_fraction:
-        raise ValueError("the bundle was trained without --test-fraction: it has no held-out split")
+        raise UserError("the bundle was trained without --test-fraction: it has no held-out split")
     index = {c: i for i, c in enumerate(bundle.labels)}
     products = [p for p in load_training_products(feed, cfg, limits, split) if label_of(p, cfg.label_column) in index]
     if not products:
-        raise ValueError("no labelled products of the bundle's classes in this feed")
+        raise UserError("no labelled products of the bundle's classes in this feed")
     y = np.array([index[label_of(p, cfg.label_column)] for p in products])
-    budget, mode = mmshap_config(bundle.manifest, budget)
+    config = mmshap_config(bundle.manifest, budget, mode)
     backend = InProcessBackend(bundle, device=device, batch_size=batch_size, limits=limits)
     started = time.perf_counter()
-    parts = [infer(backend, chunk, budget=budget, mode=mode) for chunk in batched(products, batch_size)]
+    parts = []
+    for chunk in batched(products, batch_size):
+        parts.append(infer(backend, chunk, config, seed_key=bundle.bundle_id))
+        if progress:
+            progress(len(chunk), len(products))
     elapsed = time.perf_counter() - started
-    x = StackInputs({k: np.concatenate([p.logits[k] for p in parts]) for k in KINDS},
-                    np.concatenate([p.contributions.t_shap for p in parts]),
-                    np.concatenate([p.has_text for p in parts]), np.concatenate([p.has_image for p in parts]))
-    preds = {k: x.logits[k].argmax(1) for k in KINDS}
-    for name, stacker in load_stackers(bundle.path).items():
+    x = concat_inputs([stack_inputs(p) for p in parts])
+    preds = {k: x.logits[k].argmax(1) for k in x.kinds}
+    stackers = load_stackers(bundle.path)
+    for name, stacker in stackers.items():
         if name not in KINDS:
             preds[name] = stacker.predict_proba(x).argmax(1)
     if tfidf:
@@ -131,8 +123,18 @@ def evaluate_bundle(feed, bundle_path, *, split: str | None = None, report: Path
                                            [p.text for p in products])
     present = sorted(set(y.tolist()))
     table = {name: scores(y, pred, present) for name, pred in preds.items()}
-    log(f"{len(products)} products, {len(present)} classes, {elapsed:.1f} s inference incl. MM-SHAP (budget {budget})")
-    log(format_table(table))
+    best_base = max(x.kinds, key=lambda k: table[k]["macro_f1"])
+    intervals = bootstrap_scores(y, preds, present, reference=best_base, n=n_boot, seed=0)
+    for name, row in table.items():
+        row.update({f"{k}_ci": list(v) for k, v in intervals[name].items()})
+        row["diff_f1"] = row["macro_f1"] - table[best_base]["macro_f1"]
+    if seeds > 1:
+        for name, values in seed_spread(bundle.path, stackers, x, y, present, seeds, log).items():
+            table[name].update(macro_f1_seed_mean=float(np.mean(values)), macro_f1_seed_sd=float(np.std(values, ddof=1)),
+                               macro_f1_seeds=values)
+    log(f"{len(products)} products, {len(present)} classes, {elapsed:.1f} s inference incl. MM-SHAP "
+        f"({f'budget {config.budget}' if config.budget is not None else config.describe()}, {config.mode} mode)")
+    log(format_table_ci(table, best_base))
     if report is not None:
         report = Path(report)
         report.mkdir(parents=True, exist_ok=True)
@@ -143,6 +145,8 @@ def evaluate_bundle(feed, bundle_path, *, split: str | None = None, report: Path
             confusion_png(report / f"confusion_{name}.png", y, preds[name], bundle.labels, present, f"{name} (normalised by row)")
         (report / "metrics.json").write_text(json.dumps(
             {"table": table, "n_products": len(products), "classes": [bundle.labels[c] for c in present],
-             "mean_t_shap": float(x.t_shap.mean()), "inference_s": elapsed}, indent=2))
-        (report / "table.txt").write_text(format_table(table) + "\n")
+             "mean_t_shap": float(np.nanmean(x.t_shap)) if np.isfinite(x.t_shap).any() else None,
+             "best_base_model": best_base, "bootstrap": {"resamples": n_boot, "seed": 0, "level": 0.95},
+             "seeds": seeds, "inference_s": elapsed}, indent=2))
+        (report / "table.txt").write_text(format_table_ci(table, best_base) + "\n")
     return table

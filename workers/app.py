@@ -1,8 +1,9 @@
-"""The Celery app of the distributed mode. Configuration only; the tasks are in workers.tasks.
+"""The Celery app of the distributed mode, built by `create_app(settings)`; the tasks are in
+workers.tasks and attach to whichever app is current.
 
-`celery -A workers.app worker|inspect|flower` finds `app` here, configured from the environment
-(SHAPSTACK_* variables, SHAPSTACK_CONFIG or ./shapstack.toml) like every shapstack command;
-`shapstack worker` configures it from its own settings (so --config and --db apply) first.
+Nothing is configured at import time: `shapstack worker` builds the app from its own settings
+(so --config and --db apply), and `celery -A shapstack.celery_app worker|inspect|flower` finds
+one built from the environment there.
 
 Choices that matter and why:
 - JSON only, in and out: a message is data, never code (pickle would run whatever a broker holds).
@@ -14,6 +15,8 @@ Choices that matter and why:
 - the Redis visibility timeout outlives the hard time limit: a message is handed to a second
   worker only when no worker can still be running it.
 - no result backend by default: progress and results are rows in the database (`shapstack status`).
+- the visibility timeout is not how a dead worker's batch comes back: its claims stop being renewed
+  and the sweeper sends the batch again within about a minute (workers.sweeper).
 """
 
 from __future__ import annotations
@@ -21,41 +24,40 @@ from __future__ import annotations
 from datetime import timedelta
 from urllib.parse import urlsplit
 
-from celery import Celery
+from celery import Celery, signals
 
-from shapstack.settings import Settings, load_settings
+from db.engine import DatabaseError, check_schema
+from pipeline.errors import UserError
+from workers import logs, metrics
 from workers.queues import ROUTES, STACK
 
-app = Celery("shapstack", include=["workers.tasks"])
-_settings: Settings | None = None
+# settings: a shapstack.settings.Settings; workers only read its attributes
+_settings = None
 
 
-def settings() -> Settings:
-    """The settings the app was configured with (the same in every process of a worker)."""
-    assert _settings is not None
+def settings():
+    """The settings of the app this process built (inherited by a prefork worker's children)."""
+    if _settings is None:
+        raise RuntimeError("no Celery app built in this process: call workers.app.create_app(settings) first")
     return _settings
 
 
-def sweep_interval(settings: Settings) -> float:
-    """How often the sweeper looks for stalled runs: a few times per stall period."""
-    return max(2.0, settings.task_time_limit_s / 4)
-
-
-def beat_schedule(settings: Settings) -> dict:
-    every = sweep_interval(settings)
+def beat_schedule(settings) -> dict:
+    """No `expires`: it is stamped by the beat's clock and read by the workers', which may differ."""
     return {
-        # a run none of whose rows changed for longer than a task may run has lost messages
-        "sweep": {"task": "shapstack.sweep", "schedule": timedelta(seconds=every),
-                  "options": {"expires": every}},
+        # work of dead workers and messages the broker lost (workers.sweeper), once per heartbeat
+        "sweep": {"task": "shapstack.sweep", "schedule": timedelta(seconds=settings.heartbeat_s)},
         # collapse metrics of runs still classifying, for dashboards that watch a run fill up
-        "aggregate": {"task": "shapstack.aggregate", "schedule": timedelta(seconds=120), "options": {"expires": 120}},
+        "aggregate": {"task": "shapstack.aggregate", "schedule": timedelta(seconds=120)},
     }
 
 
-def configure(settings: Settings, *, torch_threads: int = 1, allow_sqlite: bool = False) -> Celery:
+def create_app(settings, *, torch_threads: int = 1, allow_sqlite: bool = False) -> Celery:
+    """A Celery app configured from settings; it becomes this process's current app."""
     global _settings
     _settings = settings
     limit = settings.task_time_limit_s
+    app = Celery("shapstack", include=["workers.tasks"], set_as_current=True)
     app.conf.update(
         broker_url=settings.broker_url,
         result_backend=settings.result_backend,
@@ -82,37 +84,33 @@ def configure(settings: Settings, *, torch_threads: int = 1, allow_sqlite: bool 
         worker_send_task_events=True,  # Flower and `celery events`
         task_send_sent_event=True,
         worker_cancel_long_running_tasks_on_connection_loss=False,  # their results go to the database anyway
-        beat_scheduler="celery.beat:Scheduler",  # in memory: a lost schedule costs one early sweep
+        # in memory (a lost schedule costs one early sweep), and only while it holds the beat lock
+        beat_scheduler="workers.beat:LockedScheduler",
         beat_schedule=beat_schedule(settings),
         shapstack_torch_threads=torch_threads,
         shapstack_allow_sqlite=allow_sqlite,
     )
+    signals.worker_init.connect(_check_worker, weak=False)
+    logs.install(settings.log_format)  # task context on log lines; JSON lines if asked
+    metrics.install()  # task timings, outcomes, retries (served by `shapstack worker --metrics-port`)
     return app
 
 
-def check_deployment(settings: Settings, *, allow_sqlite: bool = False) -> None:
-    """A broker, and a database every machine can reach: one line (ValueError) when missing."""
+def check_deployment(settings, *, allow_sqlite: bool = False) -> None:
+    """A broker, and a database every machine can reach: one line (UserError) when missing."""
     if not settings.broker_url:
-        raise ValueError("the distributed mode needs a broker: set SHAPSTACK_BROKER_URL (e.g. redis://host:6379/0)")
+        raise UserError("the distributed mode needs a broker: set SHAPSTACK_BROKER_URL (e.g. redis://host:6379/0)")
     scheme = urlsplit(settings.database_url).scheme
     if scheme.startswith("sqlite") and not allow_sqlite:
-        raise ValueError(f"workers need a database every machine can reach, not {settings.database_url}: "
+        raise UserError(f"workers need a database every machine can reach, not {settings.database_url}: "
                          "set SHAPSTACK_DATABASE_URL=postgresql://... (--allow-sqlite for one machine)")
 
 
-def _refuse_sqlite(**_) -> None:
-    """`celery -A workers.app worker` gets the same check as `shapstack worker`."""
+def _check_worker(sender=None, **_) -> None:
+    """`celery -A shapstack.celery_app worker` gets the same checks as `shapstack worker`: the
+    deployment, and a database schema at this code's revision (never migrated by a worker)."""
     try:
-        check_deployment(settings(), allow_sqlite=app.conf.shapstack_allow_sqlite)
-    except ValueError as exc:
+        check_deployment(settings(), allow_sqlite=sender.app.conf.shapstack_allow_sqlite)
+        check_schema(settings().database_url)
+    except (UserError, DatabaseError) as exc:
         raise SystemExit(f"error: {exc}") from None
-
-
-def _connect_signals() -> None:
-    from celery import signals
-
-    signals.worker_init.connect(_refuse_sqlite, weak=False)
-
-
-configure(load_settings())
-_connect_signals()

@@ -1,7 +1,7 @@
 """Every message of the distributed mode leaves through here, by task name (routing: workers.queues).
 
 Senders need not import the tasks (the CLI does not load torch to enqueue a feed), and a message
-holds ids only: the run, product keys, and `seen` (workers.batches).
+holds ids only: the run, product keys, and `seen` (workers.poison).
 """
 
 from __future__ import annotations
@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-from workers.app import app, settings
+from celery import current_app
+
+from workers.app import settings
+from workers.retries import describe, is_transient
 
 log = logging.getLogger(__name__)
 
 
 def send(name: str, *args, **kwargs) -> str:
-    return app.send_task(name, args=args, kwargs=kwargs).id
+    return current_app.send_task(name, args=args, kwargs=kwargs).id
 
 
 def send_batches(run_id: int, pks: Sequence[int], *, seen: int = 0, stage: str = "infer") -> int:
@@ -29,8 +32,6 @@ def send_batches(run_id: int, pks: Sequence[int], *, seen: int = 0, stage: str =
 
 def send_batches_or_log(run_id: int, pks: Sequence[int]) -> None:
     """For ingest: a batch that cannot be sent now stays pending, and the sweeper sends it later."""
-    from workers.errors import describe, is_transient
-
     try:
         send_batches(run_id, pks)
     except Exception as exc:

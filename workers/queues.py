@@ -8,6 +8,8 @@ train   GPU, long: retraining a bundle from the labelled products in the databas
 
 from __future__ import annotations
 
+from pipeline.errors import UserError
+
 INGEST, INFER, STACK, TRAIN = "ingest", "infer", "stack", "train"
 QUEUES = (INGEST, INFER, STACK, TRAIN)
 
@@ -27,5 +29,5 @@ def parse_queues(text: str) -> list[str]:
     names = [q.strip() for q in text.split(",") if q.strip()]
     unknown = [q for q in names if q not in QUEUES]
     if unknown or not names:
-        raise ValueError(f"unknown queue(s) {', '.join(unknown) or repr(text)}: choose from {', '.join(QUEUES)}")
+        raise UserError(f"unknown queue(s) {', '.join(unknown) or repr(text)}: choose from {', '.join(QUEUES)}")
     return list(dict.fromkeys(names))

@@ -1,6 +1,6 @@
 """Retraining from the database: the labelled products of past runs become a feed for train_bundle.
 
-train.crossfit reads feeds, and a feed may only point at images inside its own folder (the feed
+train.train_bundle reads feeds, and a feed may only point at images inside its own folder (the feed
 reader's rule against path escapes). Stored products hold absolute image paths, so the export
 hard-links each image beside the feed (copying when the bundle is on another filesystem).
 A product ingested in several runs is taken once, from its latest run.
@@ -15,25 +15,15 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
+from db import models as m
+from db.products import labelled_query
+from db.runs import register_model
+from pipeline.errors import UserError
+from pipeline.manifest import bundle_id
+from train.data import TrainConfig
+from train.train_bundle import train_bundle
+
 log = logging.getLogger(__name__)
-
-
-def _labelled(runs: Sequence[int]):
-    from sqlalchemy import select
-
-    from db import models as m
-
-    q = select(m.Product).where(m.Product.label.is_not(None), m.Product.label != "")
-    if runs:
-        q = q.where(m.Product.run_id.in_(runs))
-    return q.order_by(m.Product.product_id, m.Product.id.desc())
-
-
-def count_labelled(factory, runs: Sequence[int]) -> int:
-    from sqlalchemy import func, select
-
-    with factory() as s:
-        return s.scalar(select(func.count()).select_from(_labelled(runs).order_by(None).subquery())) or 0
 
 
 def _place_image(src: str, images: Path, n: int) -> str | None:
@@ -60,7 +50,7 @@ def export_feed(factory, runs: Sequence[int], folder: str | Path) -> tuple[Path,
     (folder / "images").mkdir(parents=True)
     feed, n, last = folder / "feed.jsonl", 0, None
     with factory() as s, open(feed, "w") as fh:
-        for p in s.scalars(_labelled(runs).execution_options(yield_per=1000)):
+        for p in s.scalars(labelled_query(runs).execution_options(yield_per=1000)):
             if p.product_id == last:  # an older row of a product already written
                 continue
             last = p.product_id
@@ -72,16 +62,12 @@ def export_feed(factory, runs: Sequence[int], folder: str | Path) -> tuple[Path,
     return feed, n
 
 
-def retrain(factory, settings, out: str, runs: Sequence[int], config: dict, log_fn=log.info) -> dict:
-    """Export, train a bundle into out, register it as a model version; returns its manifest."""
-    from db.store import register_model
-    from train.crossfit import TrainConfig, train_bundle
-
+def retrain(factory, settings, out: str, runs: Sequence[int], config: dict, log_fn=log.info) -> str:
+    """Export, train a bundle into out, register it as a model version; returns its id."""
     feed, n = export_feed(factory, runs, Path(out) / ".export")
     if not n:
-        raise ValueError(f"no labelled products in {'runs ' + ', '.join(map(str, runs)) if runs else 'the database'}")
+        raise UserError(f"no labelled products in {'runs ' + ', '.join(map(str, runs)) if runs else 'the database'}")
     log_fn(f"exported {n} labelled products to {feed}")
-    manifest = train_bundle(feed, out, TrainConfig(**config, device=settings.device), settings.limits(), log=log_fn)
+    manifest = train_bundle(feed, out, TrainConfig(**config, device=settings.device), settings.limits, log=log_fn)
     with factory() as s, s.begin():
-        register_model(s, {**manifest, "bundle_id": manifest["content_hash"][:16]}, str(Path(out).resolve()))
-    return manifest
+        return register_model(s, bundle_id(manifest), manifest, str(Path(out).resolve()))

@@ -1,51 +1,91 @@
-"""Recovering messages the broker lost.
+"""Sending again what nobody will finish, and only that.
 
-Redis here keeps nothing on disk, and a worker machine that dies takes its unacknowledged
-message with it until the visibility timeout: either way products stay pending with no message
-to move them. The database knows better than the broker what is left, so the sweeper asks it.
+Runs every heartbeat_s (10 s by default) on the stack queue, with two sources of truth:
 
-A run is stalled when none of its rows (the run, its products) has changed for stall_s seconds;
-stall_s is the task time limit, since no batch can run longer than that without being killed.
-A stalled run still ingesting (or ingested, its ingest worker gone before handing the run on)
-gets its ingest task again (ingest resumes: stored products keep their state); a stalled run
-classifying gets its pending products again, in fresh batches
-(`seen` 0, so products whose last run died are split out as workers.batches does), and is
-touched so that the next sweep waits another stall_s. A run with nothing pending is finished.
-A product already done when its duplicate message arrives is skipped, so a false alarm (a queue
-merely long) costs a few cheap no-op tasks, never a second result.
+1. claims (db.claims): products and ingests held by a worker whose lease expired, whose heartbeat
+   stopped for three beats, or which stopped on a worker-fatal error are freed and sent again.
+   A worker killed mid-batch is thus replaced within about 30 s + one sweep, whatever the task
+   time limit; a slow batch, whose worker keeps beating, is never sent twice.
+2. the broker (workers.broker): a pending product that no worker holds, that nothing changed for
+   LOST_AFTER_S, and that no message in the broker names has lost its message (Redis restarted
+   without persistence, a send that failed): it is sent again. A run merely queued behind another
+   is named by its messages and left alone.
+
+Runs classifying with nothing pending are finished (their finisher may have died). Every time is
+the database's (db.claims).
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from collections import defaultdict
+from typing import Iterable
 
-from workers.completion import complete
-from workers.context import factory
+from sqlalchemy import exists, select
+
+from db import models as m
+from db.claims import free_dead_claims, idle_unclaimed
+from db.runs import touch
+from workers.app import settings
+from workers.broker import held
 from workers.dispatch import send_batches, send_ingest
+from workers.finishing import complete
+from workers.heartbeat import dead_after_s
+from workers.resources import factory
 
 log = logging.getLogger(__name__)
 
+LOST_AFTER_S = 30.0  # a product neither claimed nor in the broker for this long has lost its message
 
-def sweep(stall_s: float) -> dict[int, int]:
-    """Re-send the work of stalled runs; returns {run id: products re-sent}."""
-    from db import models as m
-    from db.store import product_pks, stalled_runs, touch
 
-    resent: dict[int, int] = {}
-    with factory()() as s:
-        runs = [(r.id, r.status) for r in stalled_runs(s, m.utcnow() - timedelta(seconds=stall_s))]
-    for run_id, status in runs:
+def sweep() -> dict[int, int]:
+    """Re-send what dead workers held and what the broker lost; returns {run id: products re-sent}."""
+    resent: dict[int, int] = defaultdict(int)
+    with factory()() as s, s.begin():
+        products, ingests = free_dead_claims(s, dead_after_s())
+    _send(products, "held by a worker that died or whose lease expired", resent)
+    for run_id in ingests:
+        log.warning("run %d: its ingest worker died, sending the ingest again", run_id)
+        send_ingest(run_id)
+        resent[run_id] += 0
+    in_broker = held(settings().broker_url)
+    if in_broker is not None:
+        with factory()() as s:
+            products, ingests = idle_unclaimed(s, LOST_AFTER_S)
+        lost = [(r, pk) for r, pk in products if pk not in in_broker.products and r not in in_broker.ingests]
+        lost_ingests = [r for r in ingests if r not in in_broker.ingests]
         with factory()() as s, s.begin():
-            pks = product_pks(s, run_id, ("pending",)) if status == "classifying" else []
-            touch(s, run_id, pks)
-        if status in ("ingesting", "ingested"):
-            log.warning("run %d: ingest stalled for %.0f s, sending it again", run_id, stall_s)
+            for run_id, pks in _by_run(lost).items():
+                touch(s, run_id, pks)
+            for run_id in lost_ingests:
+                touch(s, run_id)
+        _send(lost, "in no message of the broker (lost)", resent)
+        for run_id in lost_ingests:
+            log.warning("run %d: no worker holds its ingest and no message names it, sending it again", run_id)
             send_ingest(run_id)
-        elif pks:
-            log.warning("run %d: %d pending products stalled for %.0f s, sending them again", run_id, len(pks), stall_s)
-            send_batches(run_id, pks)
-        else:
-            complete(run_id)
-        resent[run_id] = len(pks)
-    return resent
+            resent[run_id] += 0
+    _finish_complete_runs()
+    return dict(resent)
+
+
+def _by_run(pairs: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = defaultdict(list)
+    for run_id, pk in pairs:
+        out[run_id].append(pk)
+    return out
+
+
+def _send(pairs: list[tuple[int, int]], why: str, resent: dict[int, int]) -> None:
+    for run_id, pks in _by_run(pairs).items():
+        log.warning("run %d: %d pending products %s, sending them again", run_id, len(pks), why)
+        send_batches(run_id, pks)
+        resent[run_id] += len(pks)
+
+
+def _finish_complete_runs() -> None:
+    pending = exists().where(m.Product.run_id == m.Run.id, m.Product.status == "pending")
+    with factory()() as s:
+        runs = list(s.scalars(select(m.Run.id).where(m.Run.mode == "distributed", m.Run.status == "classifying",
+                                                     ~pending)))
+    for run_id in runs:
+        complete(run_id)

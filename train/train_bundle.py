@@ -1,0 +1,173 @@
+"""Training a model bundle (`shapstack train`): base models, out-of-fold outputs by K-fold
+cross-fitting, the stackers on those outputs, and the bundle written to disk.
+
+Leakage rule: a stacker never sees base-model outputs on products those base models were trained
+on. With --folds K > 1, each product's logits and MM-SHAP come from the fold models that did not
+train on it (groups never straddle folds), and the bundle's base models are then retrained on
+every training product. With --folds 1 (the paper's D_tr / D_v), 20% of the groups are held out:
+the base models train on the other 80% and are the bundle's models, the stackers train on the
+held-out 20%.
+
+Resumable: every fold model and its out-of-fold outputs are saved under OUT/.work as they finish,
+keyed by a hash of the data and settings, and a rerun skips what is there.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.bundle import bundle_id, save_bundle
+from pipeline.collapse import reference_counts
+from pipeline.inference import infer, stack_inputs
+from pipeline.metrics import scores
+from pipeline.mmshap import MMSHAP_ESTIMATOR
+from pipeline.errors import UserError
+from pipeline.models import create_model
+from pipeline.preprocess import encode_products
+from pipeline.pretrained import apply_checkpoints, checkpoint_sha256, describe, model_checkpoints, resolve_all
+from pipeline.presets import get_preset
+from pipeline.records import KINDS, Limits
+from pipeline.stackers import UNFITTED, StackInputs, fit_stackers, make_stacker, save_oof, save_stackers
+from pipeline.tokenizer import Tokenizer, checkpoint_tokenizer, train_tokenizer
+from train.base_models import fit, frozen_image_features
+from train.checkpoints import WorkDir, cache_key
+from train.crossfit import fold_backend, fold_indices
+from train.data import TrainConfig, group_of, label_of, load_training_products, select_classes
+
+
+RELIANCE = ("t_shap", "t_stderr", "game_text_share")  # the StackInputs fields the out-of-fold cache keeps
+
+
+def collapse_reference(x: StackInputs, y: np.ndarray, labels: list[str], stackers: dict) -> dict:
+    """Per stacker a run may use, the collapse counts of the out-of-fold outputs grouped by that
+    stacker's predicted category, as a run groups them (pipeline.collapse)."""
+    names = np.array(labels)
+    preds = {k: names[x.logits[k].argmax(1)] for k in KINDS}
+    everyone = {**{n: make_stacker(n) for n in UNFITTED}, **stackers}
+    return {
+        "grouping": "predicted category", "source": "out-of-fold outputs",
+        "stackers": {name: reference_counts(x.t_shap, names[s.predict_proba(x).argmax(1)], preds, names[y],
+                                            x.has_text, x.has_image) for name, s in everyone.items()},
+    }
+
+
+def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=print) -> dict:
+    started = time.perf_counter()
+    out = Path(out)
+    paths = resolve_all(get_preset(cfg.preset), cfg.checkpoints)
+    preset = apply_checkpoints(get_preset(cfg.preset), paths)
+    products = load_training_products(feed, cfg, limits, "train")
+    labels, dropped = select_classes(products, cfg)
+    index = {c: i for i, c in enumerate(labels)}
+    products = [p for p in products if label_of(p, cfg.label_column) in index]
+    y = np.array([index[label_of(p, cfg.label_column)] for p in products])
+    groups = np.array([group_of(p, cfg.group_column) for p in products])
+    log(f"training on {len(products)} products, {len(labels)} classes ({len(dropped)} classes under "
+        f"{cfg.min_class_size} products dropped), {len(set(groups))} groups, preset {preset['name']}")
+
+    if "text" in paths and cfg.tokenizer:
+        raise UserError("a text checkpoint brings its own tokenizer: drop --tokenizer")
+    if "text" in paths:
+        tokenizer = checkpoint_tokenizer(paths["text"], preset["max_length"], preset["num_image_embeds"])
+    elif cfg.tokenizer:
+        tokenizer = Tokenizer.load(cfg.tokenizer)
+    else:
+        tokenizer = train_tokenizer((p.text for p in products), preset["vocab_size"])
+    t0 = time.perf_counter()
+    enc = encode_products(products, tokenizer, preset, limits)
+    encode_s = time.perf_counter() - t0
+    hashes = {slot: checkpoint_sha256(path) for slot, path in paths.items()}
+    key = cache_key(preset, cfg.seed, cfg.epochs, cfg.folds, asdict(cfg.mmshap), MMSHAP_ESTIMATOR,
+                    [p.content_hash for p in products], labels, tokenizer.tok.to_str(), hashes)
+    work = WorkDir(out, key)
+    ckpt = model_checkpoints(preset, paths)
+    features = {}
+    if preset.get("freeze_image"):
+        if "image" not in paths:
+            raise UserError("preset has freeze_image but no image checkpoint: a frozen random CNN learns nothing")
+        t0 = time.perf_counter()
+        features = work.arrays("frozen-image-features", lambda: frozen_image_features(preset, ckpt, enc, cfg.device))
+        log(f"  frozen image features of {len(y)} products: {time.perf_counter() - t0:.0f} s")
+
+    def train_models(rows: np.ndarray, tag: str) -> tuple[dict, dict]:
+        models, stats = {}, {}
+        for kind in KINDS:
+            def build(kind=kind):
+                return create_model(kind, preset, len(labels), vocab_size=tokenizer.vocab_size, checkpoint=ckpt.get(kind))
+
+            def train(kind=kind):
+                text_encoder = models["text"].bert if kind == "multimodal" and "text" not in paths else None
+                feats = features[kind][rows] if kind in features else None
+                return fit(kind, preset, enc[rows], y[rows], len(labels), vocab_size=tokenizer.vocab_size,
+                           seed=cfg.seed, device=cfg.device, epochs=cfg.epochs, checkpoint=ckpt.get(kind),
+                           desc=f"{tag} {kind}", text_encoder=text_encoder, groups=groups[rows], features=feats)
+
+            models[kind], stats[kind] = work.model(f"{tag}-{kind}", build, train)
+            log(f"  {tag} {kind}: {stats[kind]['train_s']} s" + (" (resumed)" if stats[kind].get("resumed") else ""))
+        return models, stats
+
+    # out-of-fold outputs
+    oof = {k: np.zeros((len(y), len(labels)), np.float32) for k in KINDS}
+    reliance = {f: np.full(len(y), np.nan) for f in RELIANCE}
+    covered = np.zeros(len(y), bool)
+    fold_stats = []
+    for f, (tr, te) in enumerate(fold_indices(y, groups, cfg.folds, cfg.seed)):
+        models, stats = train_models(tr, f"fold{f}")
+        fold_stats.append(stats)
+
+        def held_out(models=models, te=te, f=f):
+            backend = fold_backend(models, tokenizer, preset, labels, cfg.device)
+            res = infer(backend, [products[i] for i in te], cfg.mmshap, seed_key=f"train-seed-{cfg.seed}")
+            x = stack_inputs(res)
+            return {**res.logits, **{f: getattr(x, f) for f in RELIANCE}}
+
+        arrays = work.arrays(f"fold{f}-oof-v2", held_out)  # v2: with t_stderr and the game share
+        for k in KINDS:
+            oof[k][te] = arrays[k]
+        for name in RELIANCE:
+            reliance[name][te] = arrays[name]
+        covered[te] = True
+        final_models = models
+
+    if cfg.folds > 1:
+        final_models, final_stats = train_models(np.arange(len(y)), "final")
+    else:
+        final_stats = fold_stats[0]
+
+    # stackers on out-of-fold outputs only
+    rows = np.nonzero(covered)[0]
+    x = StackInputs({k: oof[k][rows] for k in KINDS}, reliance["t_shap"][rows], enc.has_text[rows],
+                    enc.has_image[rows], reliance["t_stderr"][rows], reliance["game_text_share"][rows])
+    stackers = fit_stackers(x, y[rows], cfg.stackers, seed=cfg.seed, paper_epochs=cfg.paper_epochs)
+    present = sorted(set(y[rows].tolist()))
+    oof_scores = {k: scores(y[rows], oof[k][rows].argmax(1), present) for k in KINDS}
+    reference = collapse_reference(x, y[rows], labels, stackers)
+
+    metrics = {
+        "n_train": int(len(y)), "n_classes": len(labels), "folds": cfg.folds,
+        "oof": oof_scores,
+        "oof_mean_t_shap": float(np.nanmean(x.t_shap)) if np.isfinite(x.t_shap).any() else None,
+        "oof_t_shap_null": int((~np.isfinite(x.t_shap)).sum()),
+        "train_s": {k: final_stats[k]["train_s"] for k in KINDS},
+        "stacker_fit_s": {name: s.fit_s for name, s in stackers.items()},
+        "fold_train_s": [{k: s[k]["train_s"] for k in KINDS} for s in fold_stats],
+        "encode_s": round(encode_s, 1),
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    extra = {
+        "label_column": cfg.label_column, "group_column": cfg.group_column, "min_class_size": cfg.min_class_size,
+        "dropped_classes": dropped, "seed": cfg.seed, "test_fraction": cfg.test_fraction,
+        "mmshap": asdict(cfg.mmshap),
+        "collapse_reference": reference,
+        "default_stacker": "mmshap" if "mmshap" in stackers else next(iter(stackers)),
+    }
+    manifest = save_bundle(out, preset=preset, labels=labels, tokenizer=tokenizer, models=final_models,
+                           metrics=metrics, extra=extra, checkpoints=describe(paths), overwrite=True)
+    save_stackers(out, stackers)
+    save_oof(out, x, y[rows])
+    log(f"bundle {bundle_id(manifest)} written to {out} in {metrics['total_s']} s")
+    return manifest
