@@ -218,7 +218,8 @@ def connect(url: str, pool_size: int = 5) -> sessionmaker[Session]:
 @lru_cache(maxsize=8)
 def open_existing(url: str) -> sessionmaker[Session]:
     """A session factory on a database that exists and is at the head revision; never creates a
-    SQLite file nor migrates a schema (UserError, one line, when it would have to)."""
+    SQLite file nor migrates a schema (UserError when there is none, SchemaMismatch when it is at
+    another revision)."""
     engine = make_engine(url, writer=False)
     if engine.url.get_backend_name() == "sqlite":
         path = engine.url.database
@@ -228,6 +229,6 @@ def open_existing(url: str) -> sessionmaker[Session]:
     if current is None:
         raise UserError(f"database {where(engine)} has no shapstack schema: run `shapstack db upgrade` first")
     problem = mismatch(engine, current)
-    if problem:
-        raise UserError(problem)
+    if problem:  # the database's state, not the command line: exit 1 like a worker refusing it
+        raise SchemaMismatch(problem)
     return sessionmaker(engine, expire_on_commit=False)

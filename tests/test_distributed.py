@@ -211,11 +211,17 @@ def cluster(tmp_path, pg_url, broker_url, bundle):
     c.stop()
 
 
-def claimed_in_infer(c: Cluster, run_id: int) -> list[int]:
-    """Products an infer worker has started and not finished: a batch in flight."""
-    return [pk for (pk,) in c.query("""
-        SELECT id FROM products p WHERE run_id = :r AND status = 'pending' AND claimed_by IS NOT NULL
-        AND NOT EXISTS (SELECT 1 FROM modality_contributions c WHERE c.product_pk = p.id)""", r=run_id)]
+def claimed_in_infer(c: Cluster, run_id: int, started_before: frozenset[int] = frozenset()) -> list[int]:
+    """Products an infer worker is working on and has not finished: a batch in flight.
+
+    Working on, not only claimed: between its claim and its work a worker loads the run's models,
+    and a kill then charges nothing (workers/poison.py). begin_work counts an attempt, so a product
+    is being worked on when its attempts exceed those of earlier starts (one per started_before).
+    """
+    rows = c.query("""
+        SELECT id, attempts FROM products p WHERE run_id = :r AND status = 'pending' AND claimed_by IS NOT NULL
+        AND NOT EXISTS (SELECT 1 FROM modality_contributions c WHERE c.product_pk = p.id)""", r=run_id)
+    return [pk for pk, attempts in rows if attempts > (pk in started_before)]
 
 
 def free_port() -> int:
@@ -275,7 +281,8 @@ def test_infer_worker_killed_mid_batch_and_restarted(cluster, feed500):
     again = cluster.start("infer-again", "infer")
     cluster.ready("infer-again")
     # then the pool process alone (an out-of-memory kill): the worker gives its batch back at once
-    in_flight += wait_until(lambda: claimed_in_infer(cluster, run_id), 90, "another batch in flight", every=0.02)
+    first = frozenset(in_flight)
+    in_flight += wait_until(lambda: claimed_in_infer(cluster, run_id, first), 90, "another batch in flight", every=0.02)
     child = int(subprocess.run(["pgrep", "-P", str(again.pid)], capture_output=True, text=True).stdout.split()[0])
     os.kill(child, signal.SIGKILL)
     assert cluster.predicted(run_id) < 500

@@ -19,6 +19,8 @@ ROOT = Path(__file__).parent.parent
 def _shown(value) -> str:
     if value is None:
         return "none"
+    if value == ():
+        return "empty"
     if isinstance(value, bool):
         return f"`{str(value).lower()}`"
     return f"`{value}`"

@@ -188,31 +188,37 @@ def test_worker_refuses_a_database_at_another_revision_and_no_password_is_printe
         assert r.exception is None or isinstance(r.exception, SystemExit), r.output
         return r
 
+    from db.engine import head_revision
+
+    head = head_revision()
+    before = f"{int(head) - 1:04d}"  # the revision a worker of the previous release left
     assert run("db", "upgrade").exit_code == 0
     r = run("db", "current")
-    assert r.exit_code == 0 and "0003 (at head" in r.stdout and ":***@" in r.stdout
+    assert r.exit_code == 0 and f"{head} (at head" in r.stdout and ":***@" in r.stdout
     assert "base -> 0001" in run("db", "history").stdout
-    r = run("db", "downgrade", "0002")
-    assert r.exit_code == 0 and "0003 -> 0002" in r.stdout
+    r = run("db", "downgrade", before)
+    assert r.exit_code == 0 and f"{head} -> {before}" in r.stdout
 
     w = shapstack("worker", "--queues", "infer", cwd=tmp_path, env=env)
     outputs.append(w.stdout + w.stderr)
     assert w.returncode == 1, w.stdout + w.stderr
     [line] = w.stderr.strip().splitlines()
-    assert "at schema revision 0002, this shapstack needs 0003" in line and "shapstack db upgrade" in line
+    assert f"at schema revision {before}, this shapstack needs {head}" in line and "shapstack db upgrade" in line
     r = run("status")  # any command: a shared database is never migrated behind the operator's back
-    assert r.exit_code == 1 and "shapstack db upgrade" in r.stderr
+    assert r.exit_code == 1 and "shapstack db upgrade" in r.stderr, r.output
     r = run("db", "current")
-    assert r.exit_code == 1 and "0002 (not at head" in r.stdout
+    assert r.exit_code == 1 and f"{before} (not at head" in r.stdout
 
     assert run("db", "upgrade").exit_code == 0
     assert run("status").exit_code == 0
     connect.cache_clear()
-    for bad in (f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/x", f"postgresql://postgres:{PASSWORD}@127.0.0.1:port/x"):
+    # unreachable: a runtime failure (1); not a URL at all: a user error (2)
+    for bad, code in ((f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/x", 1),
+                      (f"postgresql://postgres:{PASSWORD}@127.0.0.1:port/x", 2)):
         secret.write_text(bad)
         for args in (("db", "current"), ("db", "upgrade"), ("status",)):
             r = run(*args)
-            assert r.exit_code == 1 and len(r.stderr.strip().splitlines()) == 1, r.output
+            assert r.exit_code == code and len(r.stderr.strip().splitlines()) == 1, r.output
     joined = "\n".join(outputs)
     assert PASSWORD not in joined, joined
 

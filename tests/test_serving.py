@@ -160,7 +160,7 @@ def test_server_health_and_models_match_export(server, repo, bundle):
     client.close()
 
 
-BATCH, BUDGET, MODES = 16, 48, ("token", "pixel")
+BATCH, BUDGET, MODES = 16, 160, ("token", "pixel")
 
 
 class Recorder:
@@ -246,7 +246,7 @@ def test_classify_cli_through_triton_matches_in_process(server, bundle_dir, feed
         out = tmp_path / f"{name}.jsonl"
         res = CliRunner().invoke(cli, [
             "--db", f"sqlite:///{tmp_path / name}.db", "classify", str(feed), "--bundle", str(bundle_dir),
-            "--stacker", "mean", "--mmshap-budget", "24", "--out", str(out), "--device", "cpu"])
+            "--stacker", "mean", "--mmshap-budget", "160", "--out", str(out), "--device", "cpu"])
         assert res.exit_code == 0, res.output
         outputs[name] = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(outputs["local"]) == len(outputs["triton"]) > 30
