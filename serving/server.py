@@ -40,15 +40,15 @@ def python_backend_env() -> None:
     os.environ["LD_LIBRARY_PATH"] = ":".join([libdir, *rest])
 
 
-def check_ports(*ports: int) -> None:
+def check_ports(host: str, *ports: int) -> None:
     """Triton exits when a port is taken, and PyTriton then waits minutes for it: fail first, in one line."""
     for port in ports:
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: TIME_WAIT is no conflict
             try:
-                s.bind(("0.0.0.0", port))
+                s.bind((host, port))
             except OSError as exc:
-                raise UserError(f"port {port} is not free: {exc.strerror}") from None
+                raise UserError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
 @dataclass(frozen=True)
@@ -120,11 +120,11 @@ def bind(triton, models: list[Served], queue_delay_us: int) -> None:
                 model.generate_model(manager._model_store_path)
 
 
-def serve(bundle_path: str | None = None, repository: str | None = None, *, http_port: int = 8000,
+def serve(bundle_path: str | None = None, repository: str | None = None, *, host: str = "127.0.0.1", http_port: int = 8000,
           grpc_port: int = 8001, metrics_port: int = 8002, device: str = "auto", max_batch_size: int = 256,
           queue_delay_us: int = 500, on_ready: Callable[[list[str]], None] | None = None) -> bool:
     """Serve a bundle (torch) or an exported repository (onnxruntime) until SIGINT / SIGTERM (True)
-    or until Triton dies (False)."""
+    or until Triton dies (False). Every endpoint listens on host only: loopback unless told otherwise."""
     if (bundle_path is None) == (repository is None):
         raise UserError("serve a bundle or an exported repository, not both or neither")
     from pytriton.client.exceptions import PyTritonClientError
@@ -137,14 +137,14 @@ def serve(bundle_path: str | None = None, repository: str | None = None, *, http
         stopped = True
         raise KeyboardInterrupt  # PyTriton's serve loop shuts Triton down cleanly on this
 
-    check_ports(http_port, grpc_port, metrics_port)
+    check_ports(host, http_port, grpc_port, metrics_port)
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
     python_backend_env()
     models = (torch_models(bundle_path, device, max_batch_size) if bundle_path
               else onnx_models(repository, device))
-    config = TritonConfig(http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
-                          exit_timeout_secs=5)
+    config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
+                          metrics_address=host, metrics_port=metrics_port, exit_timeout_secs=5)
     # models written to the model store before Triton starts: it loads them at startup, so its own
     # /v2/health/ready (strict readiness) means every model is ready, not just the server
     policy = TritonLifecyclePolicy(launch_triton_on_startup=False, local_model_store=True)

@@ -21,6 +21,8 @@ BUNDLE = click.option("--bundle", type=click.Path(exists=True, file_okay=False),
 @click.option("--repository", type=click.Path(exists=True, file_okay=False),
               help="Serve an `export-triton` repository's ONNX models (onnxruntime, its own max_batch_size) "
                    "instead of a bundle.")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface the HTTP, gRPC and metrics endpoints listen on (0.0.0.0: every interface).")
 @click.option("--http-port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--grpc-port", default=8001, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--metrics-port", default=8002, show_default=True, type=click.IntRange(1, 65535))
@@ -28,7 +30,7 @@ BUNDLE = click.option("--bundle", type=click.Path(exists=True, file_okay=False),
 @DELAY
 @click.option("--device", help="auto | cpu | cuda (default: settings.device)")
 @click.pass_context
-def serve(ctx: click.Context, bundle: str | None, repository: str | None, http_port: int, grpc_port: int,
+def serve(ctx: click.Context, bundle: str | None, repository: str | None, host: str, http_port: int, grpc_port: int,
           metrics_port: int, max_batch_size: int, queue_delay_us: int, device: str | None) -> None:
     """Serve a bundle's models from a local Triton server (PyTriton) until interrupted.
 
@@ -38,13 +40,13 @@ def serve(ctx: click.Context, bundle: str | None, repository: str | None, http_p
     settings = settings_of(ctx, bundle=bundle, device=device)
 
     def ready(names: list[str]) -> None:
-        click.echo(f"serving {', '.join(names)} on http :{http_port}, grpc :{grpc_port}, metrics :{metrics_port} "
+        click.echo(f"serving {', '.join(names)} on {host}: http :{http_port}, grpc :{grpc_port}, metrics :{metrics_port} "
                    f"(health: /v2/health/ready)")
 
     if repository and bundle:
         raise UserError("serve --bundle or --repository, not both")
     source = {"repository": repository} if repository else {"bundle_path": require_bundle(settings.bundle)}
-    if not run(**source, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+    if not run(**source, host=host, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                device=settings.device, max_batch_size=max_batch_size, queue_delay_us=queue_delay_us, on_ready=ready):
         click.echo("error: the Triton server failed to start or stopped on its own (see its log above)", err=True)
         ctx.exit(1)

@@ -5,7 +5,9 @@ backend over HTTP and gRPC, MM-SHAP coalition batches included.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -146,6 +148,13 @@ def test_server_health_and_models_match_export(server, repo, bundle):
     for path in ("/v2/health/live", "/v2/health/ready"):
         assert http_ok(server["http"] + path)
     assert http_ok(server["metrics"] + "/metrics")
+    # bound to loopback only (no --host): every socket listening on the server's ports is a loopback one
+    ports = {int(url.rsplit(":", 1)[1]) for url in server.values()}
+    listening = [line.split()[3] for line in subprocess.run(["ss", "-Hltn"], capture_output=True, text=True,
+                                                             check=True).stdout.splitlines()]
+    addresses = {ipaddress.ip_address(a.rsplit(":", 1)[0].strip("[]")) for a in listening
+                 if int(a.rsplit(":", 1)[1]) in ports}
+    assert addresses and all((getattr(a, "ipv4_mapped", None) or a).is_loopback for a in addresses), listening
     client = tc.InferenceServerClient(server["http"].removeprefix("http://"))
     from google.protobuf import text_format
     from tritonclient.grpc import model_config_pb2 as mc
