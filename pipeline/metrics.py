@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, precision_recall_fscore_support
 
 COLUMNS = ("macro_p", "macro_r", "macro_f1", "weighted_p", "weighted_r", "weighted_f1", "accuracy")
 
 
 def scores(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[int]) -> dict[str, float]:
     """Macro averages over `labels` only (the classes evaluated), so absent classes do not count as 0."""
+    # imported here: collapse thresholds (and so every CLI command) import this module, sklearn costs seconds
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
     out = {}
     for avg in ("macro", "weighted"):
         p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=list(labels), average=avg, zero_division=0)
