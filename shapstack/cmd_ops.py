@@ -29,7 +29,7 @@ from shapstack.checkpoint_options import checkpoint_options, checkpoints_of
 from shapstack.group import cli, echo_for, json_option, progress_bar, session_factory, settings_of
 from shapstack.settings import Settings
 from shapstack.summaries import print_ingest_summary, print_json, print_run_summary, run_summary
-from workers import metrics
+from workers import heartbeat, metrics
 from workers.app import check_deployment, create_app
 from workers.dispatch import send_batches, send_ingest, send_train
 from workers.queues import parse_queues
@@ -204,6 +204,8 @@ def worker(ctx: click.Context, queues: str, concurrency: int, loglevel: str, bea
     finally:
         if path:
             metrics.cleanup(path)
+    if heartbeat.stopped_fatally():  # not a clean stop: a supervisor restarting "on-failure" must see it
+        ctx.exit(heartbeat.EXIT_WORKER_FATAL)
 
 
 @cli.command()

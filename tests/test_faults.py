@@ -121,6 +121,7 @@ def test_a_worker_with_a_cuda_error_stops_and_its_batches_go_to_the_healthy_one(
     started = time.monotonic()
     run_id = cluster.submit(feed)
     wait_until(lambda: sick.poll() is not None, 120, "the sick worker to exit", detail=cluster.logs)
+    assert sick.returncode == 4, cluster.log("sick")  # not 0: a supervisor restarting "on-failure" sees it
     stopped = time.monotonic() - started
     cluster.wait_done(run_id, timeout=150)
     print(f"\nCUDA-error worker stopped {stopped:.1f} s after the run was sent; run done in "
