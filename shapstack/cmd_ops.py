@@ -32,7 +32,8 @@ from shapstack.summaries import print_ingest_summary, print_json, print_run_summ
 from workers import heartbeat, metrics
 from workers.app import check_deployment, create_app
 from workers.dispatch import send_batches, send_ingest, send_train
-from workers.queues import parse_queues
+from workers.queues import DEFAULT as DEFAULT_QUEUES
+from workers.queues import parse_queues, with_beat
 from workers.retries import describe, is_transient
 
 log = logging.getLogger(__name__)
@@ -156,13 +157,13 @@ def summarise(factory, p: dict, labels, echo=click.echo) -> dict:
 
 
 @cli.command()
-@click.option("--queues", "-Q", default="ingest,infer,stack", show_default=True,
-              help="Comma-separated queues to serve: ingest, infer, stack, train.")
+@click.option("--queues", "-Q", default=DEFAULT_QUEUES, show_default=True,
+              help="Comma-separated queues to serve: ingest, infer, stack, aggregate, train (--beat adds aggregate).")
 @click.option("--concurrency", "-c", default=1, show_default=True, type=click.IntRange(1),
               help="Worker processes (infer: one per GPU, or per core on a CPU).")
 @click.option("--loglevel", "-l", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-@click.option("--beat", is_flag=True, help="Also schedule the sweeper and the collapse aggregation (one per deployment).")
+@click.option("--beat", is_flag=True, help="Also schedule the sweeper and the collapse aggregation (one per deployment); serves aggregate.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="torch threads per worker process.")
 @click.option("--pool", default="prefork", show_default=True, type=click.Choice(["prefork", "solo", "threads"]))
 @click.option("--hostname", "-n", help="Node name (default: <queues>.<pid>@<host>).")
@@ -181,6 +182,8 @@ def worker(ctx: click.Context, queues: str, concurrency: int, loglevel: str, bea
     """
     settings: Settings = settings_of(ctx, bundle=str(Path(bundle).resolve()) if bundle else None)
     names = parse_queues(queues)
+    if beat:
+        names = with_beat(names)
     check_deployment(settings, allow_sqlite=allow_sqlite)
     revision = check_schema(settings.database_url)
     app = create_app(settings, torch_threads=threads, allow_sqlite=allow_sqlite)
