@@ -62,9 +62,9 @@ def worker_id() -> str:
     return f"{_node['name'] or socket.gethostname()}/{os.getpid()}"
 
 
-def dead_after_s() -> float:
-    """Silence after which a worker is taken for dead: three missed beats."""
-    return 3 * settings().heartbeat_s
+def dead_after_s(of=None) -> float:
+    """Silence after which a worker is taken for dead: three missed beats (of: settings, default the app's)."""
+    return 3 * (of or settings()).heartbeat_s
 
 
 def ensure() -> str:
