@@ -138,7 +138,8 @@ def count_setup_failure(session: Session, run_id: int, error: str) -> int:
 
 
 def heartbeat(session: Session, worker: str, queues: str, lease_s: float) -> int:
-    """The worker is alive: its row's last_seen and the leases of all it holds move on; returns
+    """The worker is alive: its row's last_seen and the leases of all it holds (batches, ingests,
+    retrains) move on; returns
     how many products it holds."""
     upsert(session, m.Worker, [{"id": worker, "queues": queues, "status": "alive", "last_seen": in_seconds(0.0)}],
            ["id"])
@@ -146,6 +147,8 @@ def heartbeat(session: Session, worker: str, queues: str, lease_s: float) -> int
     n = session.execute(update(m.Product).where(m.Product.claimed_by == worker, m.Product.status == "pending")
                         .values(lease_until=until)).rowcount
     session.execute(update(m.Run).where(m.Run.claimed_by == worker).values(lease_until=until))
+    session.execute(update(m.Retrain).where(m.Retrain.claimed_by == worker, m.Retrain.state == "running")
+                    .values(lease_until=until))
     return n
 
 
@@ -154,7 +157,7 @@ def mark_worker(session: Session, worker: str, status: str, error: str | None = 
     upsert(session, m.Worker, [{"id": worker, "status": status, "error": error, "last_seen": in_seconds(0.0)}], ["id"])
 
 
-def _dead(dead_after_s: float):
+def dead_holders(dead_after_s: float):
     """Holders whose claims nobody will finish: silent for dead_after_s, or stopped."""
     return select(m.Worker.id).where(or_(m.Worker.last_seen < in_seconds(-float(dead_after_s)),
                                          m.Worker.status.in_(("stopped", "fatal"))))
@@ -162,11 +165,11 @@ def _dead(dead_after_s: float):
 
 def free_dead_claims(session: Session, dead_after_s: float) -> tuple[list[tuple[int, int]], list[int]]:
     """Free the claims of dead workers and expired leases: ([(run id, pk)], [run ids of ingests])."""
-    lost = or_(m.Product.lease_until < in_seconds(0.0), m.Product.claimed_by.in_(_dead(dead_after_s)))
+    lost = or_(m.Product.lease_until < in_seconds(0.0), m.Product.claimed_by.in_(dead_holders(dead_after_s)))
     q = (update(m.Product).where(m.Product.claimed_by.is_not(None), m.Product.status == "pending", lost)
          .values(claimed_by=None, lease_until=None).returning(m.Product.run_id, m.Product.id))
     products = sorted(session.execute(q).all())
-    lost_run = or_(m.Run.lease_until < in_seconds(0.0), m.Run.claimed_by.in_(_dead(dead_after_s)))
+    lost_run = or_(m.Run.lease_until < in_seconds(0.0), m.Run.claimed_by.in_(dead_holders(dead_after_s)))
     q = (update(m.Run).where(m.Run.claimed_by.is_not(None), lost_run)
          .values(claimed_by=None, lease_until=None).returning(m.Run.id, m.Run.status))
     runs = sorted(run_id for run_id, status in session.execute(q).all() if status in ("ingesting", "ingested"))

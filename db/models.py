@@ -209,3 +209,25 @@ class Lock(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(160))
     until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Retrain(Base):
+    """One `shapstack retrain` task as a train worker runs it (db.retrains): a killed one shows as failed.
+
+    The worker holds it with a lease its heartbeat renews, as it holds a batch (db.claims); a retrain
+    whose holder died is marked failed by the sweeper, or by `shapstack retrain --list`.
+    """
+
+    __tablename__ = "retrains"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[str | None] = mapped_column(String(64), unique=True)  # a Celery retry keeps its row
+    state: Mapped[str] = mapped_column(String(16), default="running")  # running | done | failed
+    out: Mapped[str] = mapped_column(Text)  # the bundle folder it writes
+    runs: Mapped[list[Any]] = mapped_column(default=list)  # the runs whose labelled products it uses; [] = all
+    config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    bundle_id: Mapped[str | None] = mapped_column(String(80))  # the bundle it made (done)
+    error: Mapped[str | None] = mapped_column(Text)
+    claimed_by: Mapped[str | None] = mapped_column(String(160))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), server_default=func.now())
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -79,19 +79,6 @@ def save_predictions(session, rows: list[dict], model_version: str, stacker: str
            ["product_pk", "stacker"])
 
 
-def collapse_inputs(session, run_id: int) -> list[tuple]:
-    """(t_shap, category, text, image, multimodal category, missing modality, label, stacker) of every
-    predicted product of the run; t_shap None where it was not estimated."""
-    return session.execute(
-        select(m.ModalityContribution.t_shap, m.Prediction.category, m.Prediction.text_category,
-               m.Prediction.image_category, m.Prediction.multimodal_category, m.Prediction.missing,
-               m.Product.label, m.Prediction.stacker)
-        .join(m.Prediction, m.Prediction.product_pk == m.ModalityContribution.product_pk)
-        .join(m.Product, m.Product.id == m.ModalityContribution.product_pk)
-        .where(m.ModalityContribution.run_id == run_id)
-    ).all()
-
-
 def unestimated(session, run_id: int) -> tuple[int, int, dict[str, int]]:
     """(products explained, of them with T-SHAP NULL for another reason than a missing modality,
     {reason: count}) of a run: what classify warns about."""

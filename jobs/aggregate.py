@@ -1,11 +1,14 @@
-"""Aggregate: a run's collapse metrics, recomputed from its stored rows (idempotent)."""
+"""Aggregate: a run's collapse metrics, recomputed from its stored rows (idempotent).
+
+The counts come from one GROUP BY query (db.collapse), never from the rows themselves: the
+periodic aggregation of a large run in progress reads one row per category.
+"""
 
 from __future__ import annotations
 
-import numpy as np
-
-from db.results import collapse_inputs, replace_collapse_metrics
-from pipeline.collapse import Thresholds, collapse_metrics
+from db.collapse import collapse_counts, run_stacker
+from db.results import replace_collapse_metrics
+from pipeline.collapse import Thresholds, metrics_from_counts
 
 
 def aggregate_collapse(factory, run_id: int, thresholds: Thresholds, reference: dict | None = None) -> list[tuple]:
@@ -15,17 +18,11 @@ def aggregate_collapse(factory, run_id: int, thresholds: Thresholds, reference: 
     so that the reference is grouped as the run is (by that stacker's predicted category).
     """
     with factory() as s:
-        rows = collapse_inputs(s, run_id)
-    if not rows:
+        stacker = run_stacker(s, run_id)
+        by_category = collapse_counts(s, run_id, stacker)
+    if not by_category:
         return []
-    t, cat, text, image, mm, missing, label, stacker = zip(*rows)
-    by_stacker = (reference or {}).get("stackers", {})
-    metrics = collapse_metrics(
-        np.array([np.nan if v is None else v for v in t], float), np.array(cat),
-        {"text": np.array(text), "image": np.array(image), "multimodal": np.array(mm)},
-        thresholds, by_stacker.get(stacker[0]),
-        has_text=np.array([m != "text" for m in missing]), has_image=np.array([m != "image" for m in missing]),
-        label=np.array(label, object) if any(v for v in label) else None)
+    metrics = metrics_from_counts(by_category, thresholds, (reference or {}).get("stackers", {}).get(stacker))
     with factory() as s, s.begin():
         replace_collapse_metrics(s, run_id, metrics)
     return metrics

@@ -27,6 +27,7 @@ interval excludes 0.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,18 +51,28 @@ class Thresholds:
 # per scope, what the reference stores and a run recomputes: counts and sums, so intervals can be derived
 COUNTS = ("n", "n_reliance", "sum_t", "sumsq_t", "n_disagree", "follow_text", "follow_image", "text_right",
           "image_right")
+# per scope, what a run's descriptive metrics need besides (summary())
+SUMMARY_COUNTS = ("n_both", "n_text_dominated", "n_image_dominated", "agree_text", "agree_image")
+LABEL_COUNTS = ("n_labelled_disagree", "text_right", "image_right")
 
 
 def counts(t_shap: np.ndarray, text: np.ndarray, image: np.ndarray, mm: np.ndarray, has_text: np.ndarray,
            has_image: np.ndarray, label: np.ndarray | None = None) -> dict[str, float]:
-    """The sufficient statistics of one scope; label entries that are None/'' are unknown."""
+    """The sufficient statistics of one scope; label entries that are None/'' are unknown.
+
+    This is the definition: db.collapse computes the same counts with GROUP BY, and every count
+    adds up over disjoint sets of products (a scope "all" is the sum of its categories').
+    """
     both = np.asarray(has_text, bool) & np.asarray(has_image, bool)
     t = np.where(both, np.asarray(t_shap, np.float64), np.nan)
     valid = np.isfinite(t)
     d = both & (text != image)
     out = {"n": len(t), "n_reliance": int(valid.sum()), "sum_t": float(t[valid].sum()),
            "sumsq_t": float((t[valid] ** 2).sum()), "n_disagree": int(d.sum()),
-           "follow_text": int((d & (mm == text)).sum()), "follow_image": int((d & (mm == image)).sum())}
+           "follow_text": int((d & (mm == text)).sum()), "follow_image": int((d & (mm == image)).sum()),
+           "n_both": int(both.sum()), "n_text_dominated": int((t[valid] > TEXT_DOMINATED).sum()),
+           "n_image_dominated": int((t[valid] < IMAGE_DOMINATED).sum()),
+           "agree_text": int((both & (mm == text)).sum()), "agree_image": int((both & (mm == image)).sum())}
     if label is not None:
         known = d & np.array([v not in (None, "") for v in label], bool)
         out["n_labelled_disagree"] = int(known.sum())
@@ -70,13 +81,15 @@ def counts(t_shap: np.ndarray, text: np.ndarray, image: np.ndarray, mm: np.ndarr
     return out
 
 
-def scopes(category: np.ndarray, min_products: int) -> list[tuple[str, np.ndarray]]:
-    category = np.asarray(category)
-    out = [("all", np.ones(len(category), bool))]
-    for c in sorted(set(category.tolist())):
-        mask = category == c
-        if mask.sum() >= min_products:
-            out.append((str(c), mask))
+def add(a: dict, b: dict) -> dict:
+    """The counts of two disjoint sets of products together."""
+    return {k: a.get(k, 0) + b.get(k, 0) for k in dict.fromkeys([*a, *b])}
+
+
+def scope_counts(by_category: dict, min_products: int) -> list[tuple[str, dict]]:
+    """(scope, counts): "all", then every category with at least min_products products (sorted)."""
+    out = [("all", functools.reduce(add, by_category.values(), {}))]
+    out += [(str(c), by_category[c]) for c in sorted(by_category) if by_category[c]["n"] >= min_products]
     return out
 
 
@@ -135,19 +148,26 @@ def evidence(c: dict, th: Thresholds, reference: dict | None = None) -> dict[str
     return out
 
 
-def summarise(t_shap: np.ndarray, has_text: np.ndarray, has_image: np.ndarray, preds: dict[str, np.ndarray]) -> dict:
-    """Descriptive reliance of one scope (NULLs and missing modalities left out) and agreement."""
-    both = np.asarray(has_text, bool) & np.asarray(has_image, bool)
-    t = np.asarray(t_shap, np.float64)[both]
-    t = t[np.isfinite(t)]
+def summary(c: dict) -> dict[str, float]:
+    """Descriptive reliance of one scope (NULLs and missing modalities left out) and agreement, from its counts."""
     out = {}
-    if len(t):
-        out.update(text_dominated_share=float((t > TEXT_DOMINATED).mean()),
-                   image_dominated_share=float((t < IMAGE_DOMINATED).mean()))
-    if both.any():
-        out["agree_text"] = float(np.mean(preds["multimodal"][both] == preds["text"][both]))
-        out["agree_image"] = float(np.mean(preds["multimodal"][both] == preds["image"][both]))
+    if c["n_reliance"]:
+        out.update(text_dominated_share=c["n_text_dominated"] / c["n_reliance"],
+                   image_dominated_share=c["n_image_dominated"] / c["n_reliance"])
+    if c["n_both"]:
+        out.update(agree_text=c["agree_text"] / c["n_both"], agree_image=c["agree_image"] / c["n_both"])
     return out
+
+
+def metrics_from_counts(by_category: dict, thresholds: Thresholds = Thresholds(),
+                        reference: dict[str, dict] | None = None) -> list[tuple[str, str, float]]:
+    """(scope, metric, value) rows from counts() per predicted category (db.collapse computes them in SQL)."""
+    reference = reference or {}
+    rows: list[tuple[str, str, float]] = []
+    for scope, c in scope_counts(by_category, thresholds.min_products):
+        metrics = {**evidence(c, thresholds, reference.get(scope)), **summary(c)}
+        rows.extend((scope, metric, float(value)) for metric, value in metrics.items())
+    return rows
 
 
 def collapse_metrics(
@@ -170,27 +190,27 @@ def collapse_metrics(
     n = len(category)
     has_text = np.ones(n, bool) if has_text is None else np.asarray(has_text, bool)
     has_image = np.ones(n, bool) if has_image is None else np.asarray(has_image, bool)
+    return metrics_from_counts(category_counts(t_shap, category, preds, has_text, has_image, label), thresholds,
+                               reference)
+
+
+def category_counts(t_shap, category, preds, has_text, has_image, label=None) -> dict:
+    """counts() of the products of each predicted category."""
+    category = np.asarray(category)
     t_shap = np.asarray(t_shap, np.float64)
-    reference = reference or {}
     label_arr = None if label is None else np.asarray(label, object)
-    rows: list[tuple[str, str, float]] = []
-    for scope, mask in scopes(category, thresholds.min_products):
-        p = {k: np.asarray(v)[mask] for k, v in preds.items()}
-        c = counts(t_shap[mask], p["text"], p["image"], p["multimodal"], has_text[mask], has_image[mask],
-                   None if label_arr is None else label_arr[mask])
-        metrics = {**evidence(c, thresholds, reference.get(scope)),
-                   **summarise(t_shap[mask], has_text[mask], has_image[mask], p)}
-        rows.extend((scope, metric, float(value)) for metric, value in metrics.items())
-    return rows
+    out = {}
+    for c in set(category.tolist()):
+        mask = category == c
+        out[c] = counts(t_shap[mask], np.asarray(preds["text"])[mask], np.asarray(preds["image"])[mask],
+                        np.asarray(preds["multimodal"])[mask], np.asarray(has_text, bool)[mask],
+                        np.asarray(has_image, bool)[mask], None if label_arr is None else label_arr[mask])
+    return out
 
 
 def reference_counts(t_shap: np.ndarray, category: np.ndarray, preds: dict[str, np.ndarray], label: np.ndarray,
                      has_text: np.ndarray, has_image: np.ndarray, min_products: int = 20) -> dict[str, dict]:
     """Training-time counts per scope (out-of-fold outputs, grouped by a stacker's predicted
     category), stored in the bundle as the reference for drift and for the unimodal models' signal."""
-    out = {}
-    for scope, mask in scopes(category, min_products):
-        c = counts(np.asarray(t_shap)[mask], preds["text"][mask], preds["image"][mask], preds["multimodal"][mask],
-                   np.asarray(has_text)[mask], np.asarray(has_image)[mask], np.asarray(label, object)[mask])
-        out[scope] = {k: c[k] for k in COUNTS}
-    return out
+    by_category = category_counts(t_shap, category, preds, has_text, has_image, label)
+    return {scope: {k: c[k] for k in COUNTS} for scope, c in scope_counts(by_category, min_products)}

@@ -12,6 +12,12 @@ restarted with another repository), before a result of it is used.
 Large calls (MM-SHAP sends thousands of coalitions at once) go in chunks of at most batch_size
 rows, and never more than the model's max_batch_size. Connection failures are retried with
 exponential backoff, then raised as TritonUnavailable (a ConnectionError) with one line.
+
+A server that answers but does not (or not yet) serve a model is one starting or stopping, as
+often as one deployed with other models: PyTriton loads its models after its endpoints are up and
+unloads them before they close. So a missing model is TritonUnavailable (retried, as the server
+being away) until it has been missing for MISSING_GRACE_S, and only then TritonMismatch (this
+server does not serve the bundle: the worker stops).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from serving.signatures import BUNDLE_PARAMETER, WIRE_DTYPES, Signature, signatu
 T = TypeVar("T")
 SCHEMES = {"http": 8000, "https": 8000, "grpc": 8001}
 CONNECT_TIMEOUT_S = 5.0  # health and metadata calls: a reachable server answers these at once
+MISSING_GRACE_S = 120.0  # a model missing for longer is not a server starting or stopping
 
 
 class TritonUnavailable(ConnectionError):
@@ -53,6 +60,16 @@ def _transient(exc: BaseException) -> bool:
         status = str(exc.status() or "")
         return any(s in status for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED")) or "Connection" in str(exc.message())
     return isinstance(exc, OSError)  # ConnectionRefusedError, TimeoutError, socket errors (http)
+
+
+def _missing_model(exc: BaseException) -> bool:
+    """The server answered that it has no such model (or no version of it loaded)."""
+    from tritonclient.utils import InferenceServerException
+
+    if not isinstance(exc, InferenceServerException):
+        return False
+    text = f"{exc.status() or ''} {exc.message()}".lower()
+    return "unknown model" in text or "no available versions" in text or "not_found" in text
 
 
 def _reason(exc: BaseException) -> str:
@@ -85,6 +102,7 @@ class TritonBackend(Backend):
         self.signatures = signatures(bundle)
         self._max_rows: dict[str, int] = {}
         self._suspect = False  # a connection failed since the bundle was last checked
+        self._missing_since: float | None = None  # when a model was first found missing (monotonic)
         try:
             self._check()
         except BaseException:
@@ -97,17 +115,33 @@ class TritonBackend(Backend):
         if self.grpc:
             kwargs["client_timeout"] = timeout_s or self.timeout_s
         for attempt in range(self.retries + 1):
+            missing = False
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001 - classified right below
-                if not _transient(exc):
+                missing = _missing_model(exc)
+                if not missing and not _transient(exc):
                     raise
                 self._suspect = True
-                if attempt == self.retries:
-                    raise TritonUnavailable(f"Triton server at {self.url} unavailable after {self.retries + 1} "
-                                            f"attempts: {_reason(exc)}") from None
-                time.sleep(self.backoff_s * 2**attempt)
+                reason = _reason(exc)
+            if missing:  # raised outside the except block: its cause's words do not make it fatal
+                raise self._model_missing(str(args[0]) if args else "?")
+            if attempt == self.retries:
+                raise TritonUnavailable(f"Triton server at {self.url} unavailable after {self.retries + 1} "
+                                        f"attempts: {reason}")
+            time.sleep(self.backoff_s * 2**attempt)
         raise AssertionError("unreachable")
+
+    def _model_missing(self, name: str) -> Exception:
+        """TritonUnavailable while the model has been missing for less than MISSING_GRACE_S, then TritonMismatch."""
+        now = time.monotonic()
+        if self._missing_since is None:
+            self._missing_since = now
+        if now - self._missing_since < MISSING_GRACE_S:
+            return TritonUnavailable(f"Triton server at {self.url} does not serve model {name!r} at the moment "
+                                     f"(starting, stopping or loading its models?): retried for {MISSING_GRACE_S:.0f} s")
+        return TritonMismatch(f"Triton server at {self.url} has had no ready model {name!r} for "
+                              f"{now - self._missing_since:.0f} s (bundle {self.bundle.bundle_id})")
 
     def _json(self, fn: Callable[..., dict], name: str) -> dict:
         kwargs = {"as_json": True} if self.grpc else {}
@@ -123,8 +157,7 @@ class TritonBackend(Backend):
         self._retrying(ready, timeout_s=CONNECT_TIMEOUT_S)
         for sig in self.signatures.values():
             if not self._retrying(self._client.is_model_ready, sig.name, timeout_s=CONNECT_TIMEOUT_S):
-                raise TritonMismatch(f"Triton server at {self.url} has no ready model {sig.name!r} "
-                                     f"(bundle {self.bundle.bundle_id})")
+                raise self._model_missing(sig.name)
             meta = self._json(self._client.get_model_metadata, sig.name)
             served = {t["name"]: (t["datatype"], [int(d) for d in t["shape"]])  # gRPC's JSON: dims as strings
                       for t in meta["inputs"] + meta["outputs"]}
@@ -137,6 +170,7 @@ class TritonBackend(Backend):
             max_batch = int(config.get("max_batch_size", 0))
             self._max_rows[sig.name] = min(self.batch_size, max_batch) if max_batch > 0 else self.batch_size
         self._suspect = False
+        self._missing_since = None
 
     def _check_bundle(self, name: str, config: dict) -> None:
         """The model serves this bundle: its config says so (TritonMismatch otherwise)."""
@@ -171,6 +205,7 @@ class TritonBackend(Backend):
                                 outputs=[self._tc.InferRequestedOutput(sig.output.name)])
             if self._suspect:
                 self._recheck()
+            self._missing_since = None
             out.append(result.as_numpy(sig.output.name))
         if not out:
             return np.zeros((0, *sig.output.dims), np.float32)

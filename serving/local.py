@@ -36,15 +36,16 @@ def http_ok(url: str) -> bool:
 
 @contextmanager
 def serve_subprocess(args: Sequence[str], log: Path, *, timeout_s: float = 120,
-                     env: dict[str, str] | None = None) -> Iterator[dict[str, str]]:
-    """Start `shapstack serve ARGS` on free ports, wait until ready, yield its URLs; always stop it.
+                     env: dict[str, str] | None = None, ports: dict[str, int] | None = None) -> Iterator[dict[str, str]]:
+    """Start `shapstack serve ARGS` on free ports (or ports: http, grpc, metrics, to start a server
+    again where its clients expect it), wait until ready, yield its URLs; always stop it.
 
     Raises RuntimeError (with the log's tail) when the server exits or is not ready in time.
     """
-    ports = {k: free_port() for k in ("http", "grpc", "metrics")}
+    ports = ports or {k: free_port() for k in ("http", "grpc", "metrics")}
     urls = {"http": f"http://127.0.0.1:{ports['http']}", "grpc": f"grpc://127.0.0.1:{ports['grpc']}",
             "metrics": f"http://127.0.0.1:{ports['metrics']}"}
-    with open(log, "wb") as out:
+    with open(log, "ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "shapstack", "serve", *args, "--http-port", str(ports["http"]),
              "--grpc-port", str(ports["grpc"]), "--metrics-port", str(ports["metrics"])],

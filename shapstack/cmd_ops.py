@@ -19,6 +19,8 @@ from db.engine import check_schema
 from db.products import count_labelled
 from db.products import requeue as requeue_products
 from db.progress import run_progress
+from db.retrains import abandon_dead
+from db.retrains import list_retrains as recent_retrains
 from db.runs import create_run, register_model, set_run
 from jobs.export import export
 from pipeline.errors import UserError
@@ -29,10 +31,11 @@ from shapstack.checkpoint_options import checkpoint_options, checkpoints_of
 from shapstack.group import cli, echo_for, json_option, progress_bar, session_factory, settings_of
 from shapstack.settings import Settings
 from shapstack.summaries import print_ingest_summary, print_json, print_run_summary, run_summary
-from workers import metrics
+from workers import heartbeat, metrics
 from workers.app import check_deployment, create_app
 from workers.dispatch import send_batches, send_ingest, send_train
-from workers.queues import parse_queues
+from workers.queues import DEFAULT as DEFAULT_QUEUES
+from workers.queues import parse_queues, with_beat
 from workers.retries import describe, is_transient
 
 log = logging.getLogger(__name__)
@@ -156,13 +159,13 @@ def summarise(factory, p: dict, labels, echo=click.echo) -> dict:
 
 
 @cli.command()
-@click.option("--queues", "-Q", default="ingest,infer,stack", show_default=True,
-              help="Comma-separated queues to serve: ingest, infer, stack, train.")
+@click.option("--queues", "-Q", default=DEFAULT_QUEUES, show_default=True,
+              help="Comma-separated queues to serve: ingest, infer, stack, aggregate, train (--beat adds aggregate).")
 @click.option("--concurrency", "-c", default=1, show_default=True, type=click.IntRange(1),
               help="Worker processes (infer: one per GPU, or per core on a CPU).")
 @click.option("--loglevel", "-l", default="info", show_default=True,
               type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False))
-@click.option("--beat", is_flag=True, help="Also schedule the sweeper and the collapse aggregation (one per deployment).")
+@click.option("--beat", is_flag=True, help="Also schedule the sweeper and the collapse aggregation (one per deployment); serves aggregate.")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1), help="torch threads per worker process.")
 @click.option("--pool", default="prefork", show_default=True, type=click.Choice(["prefork", "solo", "threads"]))
 @click.option("--hostname", "-n", help="Node name (default: <queues>.<pid>@<host>).")
@@ -181,6 +184,8 @@ def worker(ctx: click.Context, queues: str, concurrency: int, loglevel: str, bea
     """
     settings: Settings = settings_of(ctx, bundle=str(Path(bundle).resolve()) if bundle else None)
     names = parse_queues(queues)
+    if beat:
+        names = with_beat(names)
     check_deployment(settings, allow_sqlite=allow_sqlite)
     revision = check_schema(settings.database_url)
     app = create_app(settings, torch_threads=threads, allow_sqlite=allow_sqlite)
@@ -204,6 +209,8 @@ def worker(ctx: click.Context, queues: str, concurrency: int, loglevel: str, bea
     finally:
         if path:
             metrics.cleanup(path)
+    if heartbeat.stopped_fatally():  # not a clean stop: a supervisor restarting "on-failure" must see it
+        ctx.exit(heartbeat.EXIT_WORKER_FATAL)
 
 
 @cli.command()
@@ -242,8 +249,10 @@ def requeue(ctx: click.Context, run: int, which: str, as_json: bool) -> None:
 
 
 @cli.command()
-@click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Bundle directory to write (a path the train workers see).")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Bundle directory to write (a path the train workers see); required unless --list.")
+@click.option("--list", "list_only", is_flag=True,
+              help="List recent retrains and their state instead (one whose worker died is marked failed first).")
 @click.option("--preset", default="small", show_default=True, type=click.Choice(preset_names()))
 @click.option("--run", "runs", multiple=True, type=int, help="Train on this run's labelled products (repeatable; default: all runs).")
 @click.option("--folds", default=5, show_default=True, type=click.IntRange(1))
@@ -254,10 +263,15 @@ def requeue(ctx: click.Context, run: int, which: str, as_json: bool) -> None:
 @checkpoint_options
 @json_option
 @click.pass_context
-def retrain(ctx: click.Context, out: str, preset: str, runs: tuple[int, ...], folds: int, min_class_size: int,
-            epochs: int | None, mmshap_budget: int | None, seed: int, as_json: bool, **checkpoints: str | None) -> None:
+def retrain(ctx: click.Context, out: str | None, list_only: bool, preset: str, runs: tuple[int, ...], folds: int,
+            min_class_size: int, epochs: int | None, mmshap_budget: int | None, seed: int, as_json: bool,
+            **checkpoints: str | None) -> None:
     """Queue training of a new bundle on the labelled products in the database (queue: train)."""
     settings: Settings = ctx.obj
+    if list_only:
+        return list_retrains(settings, as_json)
+    if not out:
+        raise click.UsageError("--out is required (or --list)")
     _sender(settings)
     n = count_labelled(session_factory(settings), runs)
     if not n:
@@ -272,3 +286,22 @@ def retrain(ctx: click.Context, out: str, preset: str, runs: tuple[int, ...], fo
     echo_for(as_json)(f"queued training of {out} on {n} labelled product rows (task {task_id}, queue train)")
     if as_json:
         print_json({"task": task_id, "out": out, "labelled": n, "runs": list(runs), "config": config})
+
+
+def list_retrains(settings: Settings, as_json: bool) -> None:
+    """Recent retrains from the database; those whose worker died are marked failed first."""
+    with session_factory(settings)() as s, s.begin():
+        abandon_dead(s, heartbeat.dead_after_s(settings))
+        rows = [{"id": r.id, "state": r.state, "started": r.started_at, "finished": r.finished_at, "out": r.out,
+                 "runs": r.runs, "bundle": r.bundle_id, "worker": r.claimed_by, "error": r.error}
+                for r in recent_retrains(s)]
+    if as_json:
+        return print_json(rows)
+    if not rows:
+        click.echo("no retrains yet")
+    for r in rows:
+        runs = ",".join(map(str, r["runs"])) or "all"
+        click.echo(f"retrain {r['id']}: {r['state']}  started {r['started']:%Y-%m-%d %H:%M:%S}  out {r['out']}  "
+                   f"runs {runs}  bundle {r['bundle'] or '-'}  worker {r['worker'] or '-'}")
+        if r["error"]:
+            click.echo(f"  error: {r['error']}")

@@ -2,7 +2,7 @@
 
 Exit codes: 0 ok; 1 a runtime failure (a file, the network or the database is unavailable: one
 line); 2 a usage or user error (one line); 3 a run that finished with failed or dead-lettered
-products. Any other exception is a bug and keeps its traceback; `--debug` shows the traceback of
+products; 4 a worker that stopped on a worker-fatal error (workers.heartbeat.EXIT_WORKER_FATAL). Any other exception is a bug and keeps its traceback; `--debug` shows the traceback of
 every error.
 """
 

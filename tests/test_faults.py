@@ -9,11 +9,12 @@ from __future__ import annotations
 import math
 import re
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from private_services import PrivatePostgres, PrivateRedis
+from private_services import PrivatePostgres, PrivateRedis, free_port
 from test_distributed import Cluster, bundle, wait_until  # noqa: F401 - bundle is a fixture
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -121,6 +122,7 @@ def test_a_worker_with_a_cuda_error_stops_and_its_batches_go_to_the_healthy_one(
     started = time.monotonic()
     run_id = cluster.submit(feed)
     wait_until(lambda: sick.poll() is not None, 120, "the sick worker to exit", detail=cluster.logs)
+    assert sick.returncode == 4, cluster.log("sick")  # not 0: a supervisor restarting "on-failure" sees it
     stopped = time.monotonic() - started
     cluster.wait_done(run_id, timeout=150)
     print(f"\nCUDA-error worker stopped {stopped:.1f} s after the run was sent; run done in "
@@ -188,3 +190,46 @@ def test_postgres_restarted_mid_run(tmp_path, redis, feed, bundle):
     finally:
         c.stop()
         pg.close()
+
+
+def explained(c: Cluster, run_id: int) -> int:
+    return c.query("SELECT count(*) FROM modality_contributions WHERE run_id = :r", r=run_id)[0][0]
+
+
+@pytest.mark.triton
+def test_triton_down_for_90_seconds_mid_run(tmp_path, pg_url, redis, feed, bundle):
+    """The infer worker's models behind `shapstack serve` (PyTriton, gRPC as in the compose stack):
+    the server stops mid-run and starts again on the same ports 90 s later. The client's retries
+    run out, the task retries with backoff (1, 2, 4 ... 30 s) within retry_budget_s (600 s)."""
+    from serving.local import serve_subprocess
+
+    pytest.importorskip("pytriton.triton")
+    ports = {k: free_port() for k in ("http", "grpc", "metrics")}
+    serve = ["--bundle", str(bundle), "--max-batch-size", "64", "--device", "cpu"]
+    c = make_cluster(tmp_path, pg_url, redis, bundle)
+    with ExitStack() as server:
+        try:
+            urls = server.enter_context(serve_subprocess(serve, tmp_path / "triton.log", ports=ports))
+            c.start("infer", "infer", SHAPSTACK_TRITON_URL=urls["grpc"], SHAPSTACK_FAULT_INJECT="slow:2", **FAULTS)
+            c.start("rest", "ingest,stack", "--beat")
+            run_id = c.submit(feed)
+            wait_until(lambda: explained(c, run_id) >= 20, 240, "progress before Triton stops", every=0.2,
+                       detail=c.logs)
+            server.close()  # SIGTERM: the server and its models are gone
+            left = N - explained(c, run_id)
+            time.sleep(90)
+            during = explained(c, run_id)
+            server.enter_context(serve_subprocess(serve, tmp_path / "triton.log", ports=ports))
+            back = time.monotonic()
+            wait_until(lambda: explained(c, run_id) > during, 120, "inference after Triton is back", every=0.2,
+                       detail=c.logs)
+            resumed = time.monotonic() - back
+            c.wait_done(run_id, timeout=300)
+            print(f"\nTriton down 90 s with {left} products left to infer: inference resumed {resumed:.1f} s after "
+                  f"it was back, run done {time.monotonic() - back:.1f} s after")
+            assert left > 0 and during < N
+            c.assert_exactly_once(run_id, N)
+            assert "unavailable" in c.log("infer") and "retry" in c.log("infer").lower()
+            assert c.query("SELECT count(*) FROM workers WHERE status = 'fatal'")[0][0] == 0
+        finally:
+            c.stop()

@@ -234,3 +234,12 @@ def test_the_sweeper_resends_what_dead_workers_hold_and_the_broker_lost_never_wh
     with factory() as s, s.begin():
         mark_worker(s, "alive", "fatal", "CUDA error")  # a worker-fatal stop frees its claims at once
     assert sweep() == {run_id: 2}
+
+
+def test_the_aggregation_has_a_queue_of_its_own_that_the_beats_worker_serves():
+    from workers.queues import AGGREGATE, DEFAULT, ROUTES, parse_queues, with_beat
+
+    assert ROUTES["shapstack.aggregate"] == {"queue": AGGREGATE} != ROUTES["shapstack.stack"]
+    assert with_beat(parse_queues("ingest,stack")) == ["ingest", "stack", AGGREGATE]  # the README's second worker
+    assert with_beat(parse_queues("aggregate")) == [AGGREGATE]
+    assert AGGREGATE in parse_queues(DEFAULT) and AGGREGATE not in parse_queues("stack")

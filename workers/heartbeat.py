@@ -5,7 +5,8 @@ Each process that runs tasks (a prefork pool's child, or a solo worker's main pr
 heartbeat_s: the process's row in `workers` (last_seen, in the database's time) and the leases of
 everything it holds move on. A process killed stops beating: after three silent beats, or when its
 lease runs out, the sweeper frees what it held and sends it again. A process that stops on a
-worker-fatal error marks its row `fatal`, and what it held is free at once.
+worker-fatal error marks its row `fatal`, and what it held is free at once, and the worker exits
+with EXIT_WORKER_FATAL (not 0), so that a supervisor restarting "on-failure" sees a failure.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import signal
 import socket
 import threading
 import time
+from multiprocessing.sharedctypes import RawValue
 
 from celery import signals
 
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 
 _node = {"name": None, "queues": "", "main_pid": None}
 _beating: dict[int, threading.Event] = {}  # pid -> the stop event of its thread
+# set by whichever process stops on a worker-fatal error; shared memory made before the pool forks,
+# so the worker's main process, which exits, sees what a pool process decided
+_fatal = RawValue("b", 0)
+EXIT_WORKER_FATAL = 4
 
 
 @signals.worker_init.connect(weak=False)
@@ -56,9 +62,9 @@ def worker_id() -> str:
     return f"{_node['name'] or socket.gethostname()}/{os.getpid()}"
 
 
-def dead_after_s() -> float:
-    """Silence after which a worker is taken for dead: three missed beats."""
-    return 3 * settings().heartbeat_s
+def dead_after_s(of=None) -> float:
+    """Silence after which a worker is taken for dead: three missed beats (of: settings, default the app's)."""
+    return 3 * (of or settings()).heartbeat_s
 
 
 def ensure() -> str:
@@ -106,5 +112,11 @@ def stop(status: str, error: str | None = None) -> None:
 def stop_worker(reason: str) -> None:
     """A worker-fatal error: this worker takes no more work and exits (warm shutdown of its main process)."""
     log.critical("worker %s stops: %s", worker_id(), reason)
+    _fatal.value = 1
     stop("fatal", reason)
     os.kill(_node["main_pid"] or os.getpid(), signal.SIGTERM)
+
+
+def stopped_fatally() -> bool:
+    """Whether a process of this worker stopped on a worker-fatal error (read after the worker returns)."""
+    return bool(_fatal.value)

@@ -4,6 +4,10 @@ train.train_bundle reads feeds, and a feed may only point at images inside its o
 reader's rule against path escapes). Stored products hold absolute image paths, so the export
 hard-links each image beside the feed (copying when the bundle is on another filesystem).
 A product ingested in several runs is taken once, from its latest run.
+
+Each retrain is a row of `retrains` (db.retrains), running, then done or failed, held by its
+worker's id with a lease that the heartbeat renews: a retrain killed with its worker shows as
+failed once the sweeper (or `shapstack retrain --list`) sees the worker dead.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from typing import Sequence
 
 from db import models as m
 from db.products import labelled_query
+from db.retrains import end_retrain, start_retrain
 from db.runs import register_model
 from pipeline.errors import UserError
 from pipeline.manifest import bundle_id
 from train.data import TrainConfig
 from train.train_bundle import train_bundle
+from workers.retries import describe
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +77,25 @@ def retrain(factory, settings, out: str, runs: Sequence[int], config: dict, log_
     manifest = train_bundle(feed, out, TrainConfig(**config, device=settings.device), settings.limits, log=log_fn)
     with factory() as s, s.begin():
         return register_model(s, bundle_id(manifest), manifest, str(Path(out).resolve()))
+
+
+def recorded_retrain(factory, settings, out: str, runs: Sequence[int], config: dict, *, worker: str,
+                     task_id: str | None = None, log_fn=log.info) -> str:
+    """retrain(), recorded as a row of `retrains` held by worker (the same task_id again reuses it)."""
+    with factory() as s, s.begin():
+        row = start_retrain(s, task_id, worker, settings.lease_s, str(Path(out).resolve()), runs, config)
+    try:
+        made = retrain(factory, settings, out, runs, config, log_fn=log_fn)
+    except BaseException as exc:
+        _end(factory, row, error=describe(exc))
+        raise
+    _end(factory, row, bundle_id=made)
+    return made
+
+
+def _end(factory, row: int, **outcome) -> None:
+    try:
+        with factory() as s, s.begin():
+            end_retrain(s, row, **outcome)
+    except Exception as exc:  # noqa: BLE001 - the database may be away: then the lease runs out and it shows failed
+        log.warning("retrain %d: could not record its end: %s", row, describe(exc))

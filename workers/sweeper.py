@@ -11,8 +11,8 @@ Runs every heartbeat_s (10 s by default) on the stack queue, with two sources of
    without persistence, a send that failed): it is sent again. A run merely queued behind another
    is named by its messages and left alone.
 
-Runs classifying with nothing pending are finished (their finisher may have died). Every time is
-the database's (db.claims).
+Runs classifying with nothing pending are finished (their finisher may have died); retrains whose
+worker died are marked failed (db.retrains). Every time is the database's (db.claims).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from sqlalchemy import exists, select
 
 from db import models as m
 from db.claims import free_dead_claims, idle_unclaimed
+from db.retrains import abandon_dead
 from db.runs import touch
 from workers.app import settings
 from workers.broker import held
@@ -43,6 +44,9 @@ def sweep() -> dict[int, int]:
     resent: dict[int, int] = defaultdict(int)
     with factory()() as s, s.begin():
         products, ingests = free_dead_claims(s, dead_after_s())
+        abandoned = abandon_dead(s, dead_after_s())
+    for retrain_id in abandoned:
+        log.warning("retrain %d: its worker died, marked failed (send it again: it resumes)", retrain_id)
     _send(products, "held by a worker that died or whose lease expired", resent)
     for run_id in ingests:
         log.warning("run %d: its ingest worker died, sending the ingest again", run_id)

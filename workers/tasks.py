@@ -42,7 +42,7 @@ from workers.finishing import complete
 from workers.poison import Claimant, run_batch
 from workers.policy import SetupFailed, WorkerFatal, inject_fault
 from workers.resources import backend, factory, manifest, mmshap_config, run_info, stacker
-from workers.retrain import retrain
+from workers.retrain import recorded_retrain
 from workers.retries import BROKER, TRANSIENT, Transient, backoff_s, describe, retries_for
 from workers.sweeper import sweep as sweep_runs
 
@@ -263,11 +263,12 @@ def sweep() -> dict[int, int]:
     return sweep_runs()
 
 
-@shared_task(name="shapstack.train", base=Resilient, acks_late=False)
-def train(out: str, runs: list[int], config: dict) -> str:
+@shared_task(name="shapstack.train", base=Resilient, acks_late=False, bind=True)
+def train(self, out: str, runs: list[int], config: dict) -> str:
     """A bundle trained on the labelled products of runs (all runs when empty); returns its id.
 
     Acknowledged on receipt like ingest: training outlasts any visibility timeout, and it resumes
-    from its checkpoints (OUT/.work) when sent again.
+    from its checkpoints (OUT/.work) when sent again. Recorded in `retrains` (one row per task).
     """
-    return retrain(factory(), settings(), out, runs, config, log_fn=log.info)
+    return recorded_retrain(factory(), settings(), out, runs, config, worker=heartbeat.worker_id(),
+                            task_id=self.request.id, log_fn=log.info)
