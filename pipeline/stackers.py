@@ -549,14 +549,11 @@ def load_stacker(bundle_path, name: str) -> Stacker:
 OOF_ARTIFACT = "oof-inputs"
 
 
-def save_oof(bundle_path, x: StackInputs, y: np.ndarray, amortized_t_shap: np.ndarray | None = None) -> None:
-    """The stackers' training rows; amortized_t_shap: the explainer's cross-validated T-SHAP of them."""
+def save_oof(bundle_path, x: StackInputs, y: np.ndarray) -> None:
     tensors = {f"logits.{k}": np.asarray(v, np.float32) for k, v in x.logits.items()}
     tensors.update({"t_shap": x.t_shap, "t_stderr": x.t_stderr, "game_text_share": x.game_text_share,
                     "has_text": x.has_text.astype(np.uint8), "has_image": x.has_image.astype(np.uint8),
                     "y": np.asarray(y, np.int64)})
-    if amortized_t_shap is not None:
-        tensors["t_shap_amortized"] = np.asarray(amortized_t_shap, np.float64)
     save_artifact(bundle_path, OOF_ARTIFACT, tensors)
 
 

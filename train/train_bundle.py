@@ -36,7 +36,7 @@ from pipeline.tokenizer import Tokenizer, checkpoint_tokenizer, train_tokenizer
 from train.base_models import fit, frozen_image_features
 from train.checkpoints import WorkDir, cache_key
 from train.crossfit import fold_backend, fold_indices
-from train.explainer import explainer_inputs, fit_bundle_explainer, save_explainer
+from train.explainer import explainer_inputs, explainer_targets, fit_bundle_explainer, save_explainer
 from train.data import TrainConfig, group_of, label_of, load_training_products, select_classes
 
 
@@ -149,15 +149,15 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
     oof_scores = {k: scores(y[rows], oof[k][rows].argmax(1), present) for k in KINDS}
     reference = collapse_reference(x, y[rows], labels, stackers)
     explainer = None
-    if cfg.explainer and not cfg.mmshap.off and np.isfinite(x.t_shap).sum() >= 10:
+    if cfg.explainer and not cfg.mmshap.off:
         t0 = time.perf_counter()
-        backend = fold_backend(final_models, tokenizer, preset, labels, "cpu")
-        inputs = explainer_inputs(backend, enc[rows], x.logits, cfg.mmshap)
-        explainer, explainer_meta, amortized_oof = fit_bundle_explainer(
-            inputs, x.t_shap, x.t_stderr, x.game_text_share, cfg.mmshap, cfg.seed)
+        backend = fold_backend(final_models, tokenizer, preset, labels, cfg.device)
+        target_rows, res = explainer_targets(work, backend, products, rows, x, cfg)
+        explainer, explainer_meta = fit_bundle_explainer(explainer_inputs(backend, enc[target_rows], res, cfg.mmshap),
+                                                         res, cfg.mmshap, cfg.seed)
         explainer_meta["fit_s"] = round(time.perf_counter() - t0, 1)
         log(f"  MM-SHAP explainer: cross-validated T-SHAP RMSE {explainer_meta['cv_rmse_vs_sampled']:.3f} "
-            f"against the sampled targets ({explainer_meta['cv_n']} products)")
+            f"against the sampled targets ({explainer_meta['n_train']} products)")
 
     metrics = {
         "n_train": int(len(y)), "n_classes": len(labels), "folds": cfg.folds,
@@ -181,7 +181,7 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
     manifest = save_bundle(out, preset=preset, labels=labels, tokenizer=tokenizer, models=final_models,
                            metrics=metrics, extra=extra, checkpoints=describe(paths), overwrite=True)
     save_stackers(out, stackers)
-    save_oof(out, x, y[rows], amortized_t_shap=None if explainer is None else amortized_oof)
+    save_oof(out, x, y[rows])
     if explainer is not None:
         save_explainer(out, explainer)
     log(f"bundle {bundle_id(manifest)} written to {out} in {metrics['total_s']} s")
