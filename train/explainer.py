@@ -21,6 +21,8 @@ from pipeline.preprocess import Encoded
 from pipeline.records import KINDS
 from pipeline.stackers import StackInputs
 
+MIN_TARGETS = 10  # products with a sampled T-SHAP below which no explainer is fitted
+
 
 def explainer_targets(work, backend, products: list, rows: np.ndarray, oof: StackInputs, cfg) -> tuple[np.ndarray, StackInputs]:
     """(product rows, their logits and sampled MM-SHAP under the final models)."""

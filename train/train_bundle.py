@@ -36,7 +36,7 @@ from pipeline.tokenizer import Tokenizer, checkpoint_tokenizer, train_tokenizer
 from train.base_models import fit, frozen_image_features
 from train.checkpoints import WorkDir, cache_key
 from train.crossfit import fold_backend, fold_indices
-from train.explainer import explainer_inputs, explainer_targets, fit_bundle_explainer, save_explainer
+from train.explainer import MIN_TARGETS, explainer_inputs, explainer_targets, fit_bundle_explainer, save_explainer
 from train.data import TrainConfig, group_of, label_of, load_training_products, select_classes
 
 
@@ -153,11 +153,15 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
         t0 = time.perf_counter()
         backend = fold_backend(final_models, tokenizer, preset, labels, cfg.device)
         target_rows, res = explainer_targets(work, backend, products, rows, x, cfg)
-        explainer, explainer_meta = fit_bundle_explainer(explainer_inputs(backend, enc[target_rows], res, cfg.mmshap),
-                                                         res, cfg.mmshap, cfg.seed)
-        explainer_meta["fit_s"] = round(time.perf_counter() - t0, 1)
-        log(f"  MM-SHAP explainer: cross-validated T-SHAP RMSE {explainer_meta['cv_rmse_vs_sampled']:.3f} "
-            f"against the sampled targets ({explainer_meta['n_train']} products)")
+        if np.isfinite(res.t_shap).sum() < MIN_TARGETS:
+            log(f"  MM-SHAP explainer not fitted: {int(np.isfinite(res.t_shap).sum())} products with a sampled "
+                f"T-SHAP, {MIN_TARGETS} needed (amortized MM-SHAP unavailable for this bundle)")
+        else:
+            explainer, explainer_meta = fit_bundle_explainer(
+                explainer_inputs(backend, enc[target_rows], res, cfg.mmshap), res, cfg.mmshap, cfg.seed)
+            explainer_meta["fit_s"] = round(time.perf_counter() - t0, 1)
+            log(f"  MM-SHAP explainer: cross-validated T-SHAP RMSE {explainer_meta['cv_rmse_vs_sampled']:.3f} "
+                f"against the sampled targets ({explainer_meta['n_train']} products)")
 
     metrics = {
         "n_train": int(len(y)), "n_classes": len(labels), "folds": cfg.folds,
