@@ -157,13 +157,16 @@ class ModalityContribution(Base):
     stderr: Mapped[float | None] = mapped_column(Float)
     mode: Mapped[str] = mapped_column(String(8), default="token")
     n_players: Mapped[int | None] = mapped_column(Integer)
-    method: Mapped[str | None] = mapped_column(String(16))  # exact | antithetic | permutation | none
+    method: Mapped[str | None] = mapped_column(String(16))  # exact | antithetic | permutation | amortized | none
     met_target: Mapped[bool | None] = mapped_column(Boolean)
     reason: Mapped[str | None] = mapped_column(Text)
     # the exact two-player modality game {text, image}: its Shapley values and text's |share|
     phi_text: Mapped[float | None] = mapped_column(Float)
     phi_image: Mapped[float | None] = mapped_column(Float)
     game_text_share: Mapped[float | None] = mapped_column(Float)
+    # amortized products picked for the audit: their sampled T-SHAP and its stderr (else NULL)
+    audit_t_shap: Mapped[float | None] = mapped_column(Float)
+    audit_stderr: Mapped[float | None] = mapped_column(Float)
 
 
 class CollapseMetric(Base):

@@ -20,7 +20,7 @@ from db.upsert import upsert
 from pipeline.records import KINDS, Contributions, Inferred
 
 CONTRIBUTION_COLUMNS = ("t_shap", "stderr", "n_players", "n_evaluations", "method", "met_target", "reason",
-                        "phi_text", "phi_image", "game_text_share")
+                        "phi_text", "phi_image", "game_text_share", "audit_t_shap", "audit_stderr")
 OUTPUT_COLUMNS = ("product_id", "category", "confidence", "t_shap", "v_shap", "text_category", "image_category",
                   "multimodal_category", "missing", "label", "t_shap_stderr", "mmshap_evaluations", "mmshap_mode",
                   "title")
@@ -90,6 +90,20 @@ def unestimated(session, run_id: int) -> tuple[int, int, dict[str, int]]:
                ~m.ModalityContribution.reason.like("missing modality%"))
         .group_by(m.ModalityContribution.reason)).all())
     return int(total or 0), sum(reasons.values()), reasons
+
+
+def audit_error(session, run_id: int) -> dict | None:
+    """How far the run's amortized T-SHAP lies from the sampled T-SHAP of its audited products:
+    {n, rmse, mean_abs_diff, mean_diff (amortized - sampled), mean_audit_stderr}; None without audited products."""
+    c = m.ModalityContribution
+    pairs = session.execute(select(c.t_shap, c.audit_t_shap, c.audit_stderr).where(
+        c.run_id == run_id, c.method == "amortized", c.t_shap.is_not(None), c.audit_t_shap.is_not(None))).all()
+    if not pairs:
+        return None
+    a, s, se = (np.array([p[k] for p in pairs], float) for k in range(3))
+    d = a - s
+    return {"n": len(d), "rmse": float(np.sqrt(np.mean(d**2))), "mean_abs_diff": float(np.mean(np.abs(d))),
+            "mean_diff": float(np.mean(d)), "mean_audit_stderr": float(np.nanmean(se)) if np.isfinite(se).any() else None}
 
 
 def replace_collapse_metrics(session, run_id: int, metrics: list[tuple]) -> None:

@@ -28,4 +28,5 @@ def mmshap_for_run(manifest: dict, settings, options: dict | None = None) -> MMS
     return mmshap_config_for(manifest, settings.replace(
         mmshap_budget=o.get("mmshap_budget"), mmshap_image_mode=o.get("mmshap_mode"),
         mmshap_target_stderr=o.get("mmshap_target_stderr"), mmshap_cap=o.get("mmshap_cap"),
-        mmshap_players=o.get("mmshap_players")))
+        mmshap_players=o.get("mmshap_players"), mmshap_method=o.get("mmshap_method"),
+        mmshap_audit_fraction=o.get("mmshap_audit_fraction")))

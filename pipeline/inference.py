@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pipeline.amortized import explain_amortized
 from pipeline.mmshap import MMShapConfig, explain, product_seed
 from pipeline.records import KINDS, Inferred, Product
 from pipeline.stackers import StackInputs, Stacker
@@ -20,12 +21,16 @@ def infer(backend, products: Sequence[Product], config: MMShapConfig, seed_key: 
     """Base-model logits for a batch and the MM-SHAP of the multimodal model (pipeline.mmshap).
 
     Each product's sampling is seeded from (seed_key, its content), seed_key the bundle id, so its
-    contributions do not depend on the batch it is in.
+    contributions do not depend on the batch it is in. The amortized method predicts them from the
+    logits instead (pipeline.amortized), sampling only the audited products.
     """
     enc = backend.encode(products)
     logits = backend.base_logits(enc)
     seeds = np.array([product_seed(seed_key, p) for p in products], np.uint64)
-    contrib = explain(backend, enc, config, seeds, predicted=logits["multimodal"].argmax(1))
+    if config.method == "amortized" and not config.off:
+        contrib = explain_amortized(backend, enc, config, seeds, logits)
+    else:
+        contrib = explain(backend, enc, config, seeds, predicted=logits["multimodal"].argmax(1))
     return Inferred(logits, contrib, enc.has_text, enc.has_image)
 
 

@@ -28,10 +28,11 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
+from pipeline.errors import UserError
 from pipeline.preprocess import Encoded
 from pipeline.records import Contributions, Product, content_hash
 from pipeline.shapley import MMShapEstimate, estimate_mm_shap
@@ -40,7 +41,10 @@ from pipeline.stackers import log_softmax
 DEFAULT_MODE = "pixel"  # the reference's players; token mode is cheaper but under-counts the image
 DEFAULT_TARGET_STDERR = 0.03
 DEFAULT_CAP = 4000  # coalitions per product at most, in target mode
+DEFAULT_AUDIT = 0.05  # share of amortized products that also get sampled MM-SHAP
 PLAYERS = ("token", "word")
+METHODS = ("sampled", "amortized")
+EXPLAINER = "mmshap-explainer"  # the bundle artefact of amortized MM-SHAP (pipeline.amortized)
 MMSHAP_ESTIMATOR = 2  # bump when the estimator changes what it returns (training caches key on it)
 ROWS_PER_CALL = 512  # coalitions per model call (pixel mode copies the image per coalition)
 
@@ -51,6 +55,8 @@ class MMShapConfig:
 
     budget None: target mode (draws until stderr <= target_stderr, at most cap coalitions);
     budget > 0: that many coalitions per product; budget 0: MM-SHAP off (T-SHAP None).
+    method "amortized": the bundle's explainer predicts T-SHAP (pipeline.amortized), and a share
+    audit_fraction of the products, picked by their seed, also gets the sampled estimate.
     """
 
     mode: str = DEFAULT_MODE
@@ -58,8 +64,14 @@ class MMShapConfig:
     target_stderr: float = DEFAULT_TARGET_STDERR
     cap: int = DEFAULT_CAP
     players: str = "token"
+    method: str = "sampled"
+    audit_fraction: float = DEFAULT_AUDIT
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"MM-SHAP method must be one of {METHODS}, not {self.method!r}")
+        if not 0 <= self.audit_fraction <= 1:
+            raise ValueError(f"audit fraction must lie in [0, 1], not {self.audit_fraction}")
         if self.mode not in ("token", "pixel"):
             raise ValueError(f"image mode must be token or pixel, not {self.mode!r}")
         if self.players not in PLAYERS:
@@ -77,9 +89,14 @@ class MMShapConfig:
         """As a run's recorded options (mmshap_budget, mmshap_mode, ...): what the report and BI show."""
         out = ({"mmshap_budget": self.budget} if self.budget is not None
                else {"mmshap_target_stderr": self.target_stderr, "mmshap_cap": self.cap})
-        return {**out, "mmshap_mode": self.mode, **({"mmshap_players": self.players} if self.players != "token" else {})}
+        amortized = ({"mmshap_method": self.method, "mmshap_audit_fraction": self.audit_fraction}
+                     if self.method == "amortized" else {})
+        return {**out, "mmshap_mode": self.mode, **({"mmshap_players": self.players} if self.players != "token" else {}),
+                **amortized}
 
     def describe(self) -> str:
+        if self.method == "amortized" and not self.off:
+            return f"amortized, {self.audit_fraction:.0%} audited at " + replace(self, method="sampled").describe()
         if self.budget is not None:
             return f"budget {self.budget} coalitions per product"
         return f"target stderr {self.target_stderr:g}, cap {self.cap} coalitions per product"
@@ -87,7 +104,8 @@ class MMShapConfig:
 
 def mmshap_config(manifest: dict, budget: int | None = None, mode: str | None = None, *,
                   target_stderr: float | None = None, cap: int | None = None,
-                  players: str | None = None) -> MMShapConfig:
+                  players: str | None = None, method: str | None = None,
+                  audit_fraction: float | None = None) -> MMShapConfig:
     """As the bundle's stackers were trained, with the caller's non-None choices on top.
 
     The stackers take T-SHAP as an input, so classifying as they were trained keeps that input's
@@ -99,17 +117,29 @@ def mmshap_config(manifest: dict, budget: int | None = None, mode: str | None = 
         trained["budget"] = budget
     elif target_stderr is not None or cap is not None:
         trained["budget"] = None
-    chosen = {"mode": mode, "target_stderr": target_stderr, "cap": cap, "players": players}
+    learned = {k: trained.get(k) for k in ("mode", "players")}
+    chosen = {"mode": mode, "target_stderr": target_stderr, "cap": cap, "players": players, "method": method,
+              "audit_fraction": audit_fraction}
     trained.update({k: v for k, v in chosen.items() if v is not None})
     defaults = asdict(MMShapConfig())
-    return MMShapConfig(**{k: trained.get(k, defaults[k]) for k in defaults})
+    config = MMShapConfig(**{k: trained.get(k, defaults[k]) for k in defaults})
+    if config.method == "amortized" and not config.off:
+        if EXPLAINER not in manifest.get("artifacts", {}):
+            raise UserError("this bundle has no MM-SHAP explainer for --mmshap-method amortized "
+                            "(train it with MM-SHAP on: `shapstack train` without --mmshap-budget 0)")
+        if any(learned[k] not in (None, getattr(config, k)) for k in learned):
+            raise UserError(f"the bundle's MM-SHAP explainer predicts {learned['mode']}-mode T-SHAP with "
+                            f"{learned['players']} text players: amortized MM-SHAP cannot use another mode or players")
+    return config
 
 
 def mmshap_config_for(manifest: dict, settings) -> MMShapConfig:
-    """mmshap_config with the choices of a shapstack Settings (mmshap_budget, _image_mode, _target_stderr, _cap, _players)."""
+    """mmshap_config with the choices of a shapstack Settings (mmshap_budget, _image_mode, _target_stderr,
+    _cap, _players, _method, _audit_fraction)."""
     return mmshap_config(manifest, settings.mmshap_budget, settings.mmshap_image_mode,
                          target_stderr=settings.mmshap_target_stderr, cap=settings.mmshap_cap,
-                         players=settings.mmshap_players)
+                         players=settings.mmshap_players, method=settings.mmshap_method,
+                         audit_fraction=settings.mmshap_audit_fraction)
 
 
 def product_seed(seed_key: str, product: Product) -> int:

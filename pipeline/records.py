@@ -108,8 +108,10 @@ class Contributions:
     """Per-product MM-SHAP of a batch. NaN in a float array is NULL (no estimate; see reason).
 
     t_shap: debiased share of |Shapley| of the text players; stderr its error bar (+-2 stderr is
-    a ~95% interval); method exact | antithetic | permutation | none; met_target: the target
-    stderr was reached; phi_text, phi_image, game_text_share: the exact two-player modality game.
+    a ~95% interval); method exact | antithetic | permutation | amortized | none; met_target: the
+    target stderr was reached; phi_text, phi_image, game_text_share: the exact two-player modality
+    game (amortized: game_text_share predicted, phi NULL); audit_t_shap, audit_stderr: the sampled
+    estimate of an amortized product picked for the audit (pipeline.amortized), else NULL.
     """
 
     t_shap: np.ndarray
@@ -122,9 +124,16 @@ class Contributions:
     phi_text: np.ndarray
     phi_image: np.ndarray
     game_text_share: np.ndarray
+    audit_t_shap: np.ndarray | None = None
+    audit_stderr: np.ndarray | None = None
 
     FIELDS = ("t_shap", "stderr", "n_players", "n_evaluations", "method", "met_target", "reason",
-              "phi_text", "phi_image", "game_text_share")
+              "phi_text", "phi_image", "game_text_share", "audit_t_shap", "audit_stderr")
+
+    def __post_init__(self) -> None:
+        for name in ("audit_t_shap", "audit_stderr"):
+            if getattr(self, name) is None:
+                setattr(self, name, np.full(len(self.t_shap), np.nan))
 
     @property
     def v_shap(self) -> np.ndarray:
@@ -165,7 +174,8 @@ class Contributions:
                 "n_players": int(self.n_players[i]), "n_evaluations": int(self.n_evaluations[i]),
                 "method": self.method[i], "met_target": bool(self.met_target[i]), "reason": self.reason[i],
                 "phi_text": _none(self.phi_text[i]), "phi_image": _none(self.phi_image[i]),
-                "game_text_share": _none(self.game_text_share[i])}
+                "game_text_share": _none(self.game_text_share[i]),
+                "audit_t_shap": _none(self.audit_t_shap[i]), "audit_stderr": _none(self.audit_stderr[i])}
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict[str, Any]]) -> "Contributions":
@@ -174,7 +184,8 @@ class Contributions:
         return cls(floats("t_shap"), floats("stderr"), np.array([r["n_players"] or 0 for r in rows], int),
                    np.array([r["n_evaluations"] for r in rows], int), [r["method"] for r in rows],
                    np.array([bool(r["met_target"]) for r in rows], bool), [r["reason"] for r in rows],
-                   floats("phi_text"), floats("phi_image"), floats("game_text_share"))
+                   floats("phi_text"), floats("phi_image"), floats("game_text_share"),
+                   floats("audit_t_shap"), floats("audit_stderr"))
 
 
 @dataclass

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from db.progress import dead_letters, reject_reasons, run_progress
+from db.results import audit_error
 from db.runs import latest_runs
 from jobs.export import check_output_path, export
 from pipeline.errors import UserError
@@ -99,8 +100,9 @@ def status(ctx: click.Context, run: int | None, as_json: bool) -> None:
             return
         p = run_progress(session, run)
         reasons = reject_reasons(session, run)
+        audit = audit_error(session, run)
     if as_json:
-        print_json({**p, "reject_reasons": dict(reasons)})
+        print_json({**p, "reject_reasons": dict(reasons), "mmshap_audit": audit})
         return
     click.echo(f"run {p['run']} ({p['mode']}): {p['status']}  feed {p['feed']}")
     click.echo(f"  bundle {p['bundle'] or '-'}  stacker {p['stacker'] or '-'}  "
@@ -113,6 +115,9 @@ def status(ctx: click.Context, run: int | None, as_json: bool) -> None:
     click.echo(f"  rejects    {p['rejects']:>8}")
     for reason, k in reasons.most_common(10):
         click.echo(f"    {k:>7}  {reason}")
+    if audit:
+        click.echo(f"  amortized MM-SHAP audit: T-SHAP RMSE {audit['rmse']:.3f}, mean |diff| {audit['mean_abs_diff']:.3f} "
+                   f"on {audit['n']} products also sampled")
     if p["error"]:
         click.echo(f"  last error: {p['error']}")
     if p["failed"] or p["dead"]:
@@ -201,6 +206,10 @@ def run_classify(settings: Settings, feed: str | None, *, run: int | None = None
 @click.option("--mmshap-cap", type=click.IntRange(4), help="Coalitions per product at most, with a target (default 4000).")
 @click.option("--mmshap-mode", type=click.Choice(["token", "pixel"]), help="Image players (default: the bundle's).")
 @click.option("--mmshap-players", type=click.Choice(["token", "word"]), help="Text players: WordPieces or whole words.")
+@click.option("--mmshap-method", type=click.Choice(["sampled", "amortized"]),
+              help="sampled (default): Shapley sampling per product; amortized: the bundle's explainer predicts T-SHAP.")
+@click.option("--mmshap-audit", type=click.FloatRange(0, 1),
+              help="With amortized: share of products also sampled, to measure its error (default 0.05).")
 @click.option("--split", type=click.Choice(["test", "train", "all"]), default="all", show_default=True,
               help="Classify only one side of the bundle's --test-fraction split (with FEED).")
 @click.option("--allow-urls/--no-allow-urls", default=None, help="Allow http(s) image URLs (embedded mode).")
@@ -211,7 +220,8 @@ def run_classify(settings: Settings, feed: str | None, *, run: int | None = None
 @click.pass_context
 def classify(ctx: click.Context, feed: str | None, run: int | None, distributed: bool, wait: bool, bundle: str | None,
              out: str | None, stacker: str | None, mmshap_budget: int | None, mmshap_target: float | None, mmshap_cap: int | None,
-             mmshap_mode: str | None, mmshap_players: str | None, split: str,
+             mmshap_mode: str | None, mmshap_players: str | None, mmshap_method: str | None,
+             mmshap_audit: float | None, split: str,
              allow_urls: bool | None, device: str | None, timeout: float | None, as_json: bool) -> None:
     """Classify FEED (ingest it, then infer and stack), or an ingested run with --run, and store
     predictions, MM-SHAP and collapse metrics: in this process, or on the workers with --distributed."""
@@ -234,7 +244,8 @@ def classify(ctx: click.Context, feed: str | None, run: int | None, distributed:
         check_feed(feed)  # before a run exists
     settings = settings_of(ctx, bundle=bundle, stacker=stacker, mmshap_budget=mmshap_budget,
                            mmshap_target_stderr=mmshap_target, mmshap_cap=mmshap_cap, mmshap_players=mmshap_players,
-                           mmshap_image_mode=mmshap_mode, allow_image_urls=allow_urls, device=device)
+                           mmshap_image_mode=mmshap_mode, mmshap_method=mmshap_method,
+                           mmshap_audit_fraction=mmshap_audit, allow_image_urls=allow_urls, device=device)
     echo = echo_for(as_json)
     if distributed:
         from shapstack.cmd_ops import submit

@@ -26,6 +26,10 @@ from shapstack.summaries import print_json
 @click.option("--test-fraction", default=0.0, show_default=True, type=click.FloatRange(0, 0.9),
               help="Hold out this share of groups (by hash) for `evaluate/classify --split test`.")
 @click.option("--mmshap-budget", type=click.IntRange(0), help="Coalitions per product for out-of-fold MM-SHAP.")
+@click.option("--explainer/--no-explainer", default=True, show_default=True,
+              help="Fit amortized MM-SHAP's explainer (docs/amortized.md).")
+@click.option("--explainer-products", default=2000, show_default=True, type=click.IntRange(10),
+              help="With --folds > 1: training products whose MM-SHAP under the final models the explainer learns from.")
 @click.option("--tokenizer", type=click.Path(exists=True), help="A local pretrained tokenizer (default: train WordPiece).")
 @checkpoint_options
 @click.option("--paper-epochs", default=50_000, show_default=True, type=click.IntRange(1),
@@ -34,7 +38,7 @@ from shapstack.summaries import print_json
 @click.pass_context
 def train(ctx: click.Context, feed: str, out: str, preset: str, label_column: str, group_column: str,
           min_class_size: int, folds: int, seed: int, epochs: int | None, test_fraction: float,
-          mmshap_budget: int | None, tokenizer: str | None, paper_epochs: int, device: str | None,
+          mmshap_budget: int | None, explainer: bool, explainer_products: int, tokenizer: str | None, paper_epochs: int, device: str | None,
           **checkpoints: str | None) -> None:
     """Train the three base models and every stacker into a model bundle (resumable)."""
     from train.data import TrainConfig
@@ -44,7 +48,7 @@ def train(ctx: click.Context, feed: str, out: str, preset: str, label_column: st
     cfg = TrainConfig(preset=preset, label_column=label_column, group_column=group_column,
                       min_class_size=min_class_size, folds=folds, seed=seed, epochs=epochs, device=settings.device,
                       test_fraction=test_fraction,
-                      mmshap_budget=mmshap_budget, tokenizer=tokenizer,
+                      mmshap_budget=mmshap_budget, explainer=explainer, explainer_products=explainer_products, tokenizer=tokenizer,
                       checkpoints=checkpoints_of(**checkpoints), paper_epochs=paper_epochs,
                       **{f"mmshap_{k}": v for k, v in {
                           "mode": settings.mmshap_image_mode, "target_stderr": settings.mmshap_target_stderr,

@@ -50,13 +50,15 @@ RANGES: dict[str, tuple[float | None, float | None]] = {
     "max_attributes_bytes": (2, 1 << 28),
     "ingest_batch_size": (1, 100_000), "batch_size": (1, 100_000), "infer_batch_size": (1, 100_000),
     "mmshap_budget": (0, None), "mmshap_target_stderr": (0.001, 0.5), "mmshap_cap": (4, None),
+    "mmshap_audit_fraction": (0, 1),
     "task_time_limit_s": (10, None), "max_retries": (0, 1000),
     "heartbeat_s": (0.5, 3600), "lease_s": (2, 86_400), "retry_budget_s": (0, 7 * 86_400),
     "signal": (0, 1), "follow": (0, 1), "min_disagreements": (1, None), "drift": (0, 1),
     "min_products": (1, None), "alert_timeout_s": (0.1, 60),
 }
 CHOICES: dict[str, tuple[Any, ...]] = {"mmshap_image_mode": (None, "token", "pixel"), "log_format": (None, "text", "json"),
-                                       "mmshap_players": (None, "token", "word")}
+                                       "mmshap_players": (None, "token", "word"),
+                                       "mmshap_method": (None, "sampled", "amortized")}
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,8 @@ class Settings:
     mmshap_cap: int | None = None  # ... or this many coalitions are spent (default 4000)
     mmshap_image_mode: str | None = None  # token | pixel
     mmshap_players: str | None = None  # token | word: text players are WordPieces or whole words
+    mmshap_method: str | None = None  # sampled | amortized (the bundle's explainer, docs/amortized.md)
+    mmshap_audit_fraction: float | None = None  # amortized: share of products also sampled (default 0.05)
 
     # collapse alerts (pipeline.collapse.Thresholds)
     collapse: Thresholds = field(default_factory=Thresholds)

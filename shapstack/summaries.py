@@ -10,7 +10,7 @@ import click
 import numpy as np
 
 from db.progress import reject_reasons, run_progress
-from db.results import collapse_metrics_of, output_rows
+from db.results import audit_error, collapse_metrics_of, output_rows
 from pipeline.metrics import format_table, scores
 
 
@@ -63,10 +63,12 @@ def run_summary(factory, run_id: int, labels) -> dict:
     with factory() as s:
         p = run_progress(s, run_id)
         rows = output_rows(s, run_id)
+        audit = audit_error(s, run_id)
     n_labelled, table = evaluation(rows, labels)
     return {**ingest_summary(factory, run_id), **{k: p[k] for k in (
         "status", "mode", "bundle", "stacker", "predicted", "failed", "dead", "created", "finished", "timings",
-        "options")}, "labelled": n_labelled, "evaluation": table, "collapse": collapse_summary(factory, run_id)}
+        "options")}, "labelled": n_labelled, "evaluation": table, "collapse": collapse_summary(factory, run_id),
+        "mmshap_audit": audit}
 
 
 def print_run_summary(summary: dict, echo=click.echo) -> None:
@@ -83,3 +85,7 @@ def print_run_summary(summary: dict, echo=click.echo) -> None:
              f"MM agrees with text {get('agree_text'):.1%} / image {get('agree_image'):.1%}; "
              f"on {get('n_disagree'):.0f} text/image disagreements it follows text {get('evidence_image_ignored'):.1%}")
         echo("collapse flags: " + (", ".join(summary["collapse"]["flags"]) or "none"))
+    audit = summary.get("mmshap_audit")
+    if audit:
+        echo(f"amortized MM-SHAP audit: T-SHAP RMSE {audit['rmse']:.3f} (mean |diff| {audit['mean_abs_diff']:.3f}, "
+             f"mean diff {audit['mean_diff']:+.3f}) against sampled MM-SHAP on {audit['n']} audited products")

@@ -28,6 +28,8 @@ class TrainConfig:
     mmshap_target_stderr: float = DEFAULT_TARGET_STDERR
     mmshap_cap: int = DEFAULT_CAP
     mmshap_players: str = "token"
+    explainer: bool = True  # fit amortized MM-SHAP's explainer (when MM-SHAP is on; train/explainer.py)
+    explainer_products: int = 2000  # with folds > 1: products whose final-model MM-SHAP it learns from
     tokenizer: str | None = None  # a local pretrained tokenizer; default: train WordPiece on the feed
     checkpoints: dict | None = None  # text | image | clip -> registry name or local path (over the preset's)
     stackers: tuple[str, ...] = STACKERS

@@ -36,6 +36,7 @@ from pipeline.tokenizer import Tokenizer, checkpoint_tokenizer, train_tokenizer
 from train.base_models import fit, frozen_image_features
 from train.checkpoints import WorkDir, cache_key
 from train.crossfit import fold_backend, fold_indices
+from train.explainer import MIN_TARGETS, explainer_inputs, explainer_targets, fit_bundle_explainer, save_explainer
 from train.data import TrainConfig, group_of, label_of, load_training_products, select_classes
 
 
@@ -81,7 +82,8 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
     enc = encode_products(products, tokenizer, preset, limits)
     encode_s = time.perf_counter() - t0
     hashes = {slot: checkpoint_sha256(path) for slot, path in paths.items()}
-    key = cache_key(preset, cfg.seed, cfg.epochs, cfg.folds, asdict(cfg.mmshap), MMSHAP_ESTIMATOR,
+    sampled = {k: v for k, v in asdict(cfg.mmshap).items() if k not in ("method", "audit_fraction")}
+    key = cache_key(preset, cfg.seed, cfg.epochs, cfg.folds, sampled, MMSHAP_ESTIMATOR,
                     [p.content_hash for p in products], labels, tokenizer.tok.to_str(), hashes)
     work = WorkDir(out, key)
     ckpt = model_checkpoints(preset, paths)
@@ -146,6 +148,20 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
     present = sorted(set(y[rows].tolist()))
     oof_scores = {k: scores(y[rows], oof[k][rows].argmax(1), present) for k in KINDS}
     reference = collapse_reference(x, y[rows], labels, stackers)
+    explainer = None
+    if cfg.explainer and not cfg.mmshap.off:
+        t0 = time.perf_counter()
+        backend = fold_backend(final_models, tokenizer, preset, labels, cfg.device)
+        target_rows, res = explainer_targets(work, backend, products, rows, x, cfg)
+        if np.isfinite(res.t_shap).sum() < MIN_TARGETS:
+            log(f"  MM-SHAP explainer not fitted: {int(np.isfinite(res.t_shap).sum())} products with a sampled "
+                f"T-SHAP, {MIN_TARGETS} needed (amortized MM-SHAP unavailable for this bundle)")
+        else:
+            explainer, explainer_meta = fit_bundle_explainer(
+                explainer_inputs(backend, enc[target_rows], res, cfg.mmshap), res, cfg.mmshap, cfg.seed)
+            explainer_meta["fit_s"] = round(time.perf_counter() - t0, 1)
+            log(f"  MM-SHAP explainer: cross-validated T-SHAP RMSE {explainer_meta['cv_rmse_vs_sampled']:.3f} "
+                f"against the sampled targets ({explainer_meta['n_train']} products)")
 
     metrics = {
         "n_train": int(len(y)), "n_classes": len(labels), "folds": cfg.folds,
@@ -161,13 +177,16 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
     extra = {
         "label_column": cfg.label_column, "group_column": cfg.group_column, "min_class_size": cfg.min_class_size,
         "dropped_classes": dropped, "seed": cfg.seed, "test_fraction": cfg.test_fraction,
-        "mmshap": asdict(cfg.mmshap),
+        "mmshap": sampled,  # how the stackers' (and the explainer's) T-SHAP was estimated
         "collapse_reference": reference,
         "default_stacker": "mmshap" if "mmshap" in stackers else next(iter(stackers)),
+        **({"mmshap_explainer": explainer_meta} if explainer is not None else {}),
     }
     manifest = save_bundle(out, preset=preset, labels=labels, tokenizer=tokenizer, models=final_models,
                            metrics=metrics, extra=extra, checkpoints=describe(paths), overwrite=True)
     save_stackers(out, stackers)
     save_oof(out, x, y[rows])
+    if explainer is not None:
+        save_explainer(out, explainer)
     log(f"bundle {bundle_id(manifest)} written to {out} in {metrics['total_s']} s")
     return manifest
