@@ -77,7 +77,7 @@ def embedded(url: str, bundle: Path, feeds: list[Path], budget: int, mode: str, 
     for feed in feeds:
         t0 = time.perf_counter()
         run = ingest_feed(factory, feed, Limits())
-        classify_run(factory, backend, stacker, b.labels, version, run, batch_size=batch,
+        classify_run(factory, backend, stacker, b.manifest, version, run, batch_size=batch,
                      mmshap=MMShapConfig(mode=mode, budget=budget), thresholds=Thresholds())
         times.append(time.perf_counter() - t0)
     return min(times[1:])

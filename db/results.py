@@ -17,7 +17,7 @@ from sqlalchemy import delete, func, select
 from db import models as m
 from db.products import load_products
 from db.upsert import upsert
-from pipeline.records import KINDS, Contributions, Inferred
+from pipeline.records import Contributions, Inferred
 
 CONTRIBUTION_COLUMNS = ("t_shap", "stderr", "n_players", "n_evaluations", "method", "met_target", "reason",
                         "phi_text", "phi_image", "game_text_share", "audit_t_shap", "audit_stderr")
@@ -32,14 +32,14 @@ def save_inferred(session, rows: Sequence[m.Product], inferred: Inferred, model_
     upsert(session, m.BaseLogits, [
         {"product_pk": r.id, "model_kind": k, "model_version": model_version,
          "logits": [round(float(v), 5) for v in inferred.logits[k][i]]}
-        for i, r in enumerate(rows) for k in KINDS
+        for i, r in enumerate(rows) for k in inferred.logits
     ], ["product_pk", "model_kind", "model_version"])
     upsert(session, m.ModalityContribution, [
         {"product_pk": r.id, "run_id": r.run_id, "mode": mode, **c.row(i)} for i, r in enumerate(rows)
     ], ["product_pk"], update=False)
 
 
-def uninferred(session, model_version: str, pks: Sequence[int]) -> list[int]:
+def uninferred(session, model_version: str, pks: Sequence[int], kinds: Sequence[str]) -> list[int]:
     """The products of pks that lack some of save_inferred's rows, in pks order (a redelivered batch skips the rest)."""
     n_logits = dict(session.execute(
         select(m.BaseLogits.product_pk, func.count())
@@ -47,11 +47,12 @@ def uninferred(session, model_version: str, pks: Sequence[int]) -> list[int]:
         .group_by(m.BaseLogits.product_pk)).all())
     explained = set(session.scalars(
         select(m.ModalityContribution.product_pk).where(m.ModalityContribution.product_pk.in_(pks))))
-    return [pk for pk in pks if n_logits.get(pk, 0) < len(KINDS) or pk not in explained]
+    return [pk for pk in pks if n_logits.get(pk, 0) < len(kinds) or pk not in explained]
 
 
-def load_inferred(session, model_version: str, pks: Sequence[int]) -> tuple[list[int], Inferred]:
-    """What save_inferred stored, for the products that have all of it, in pks order."""
+def load_inferred(session, model_version: str, pks: Sequence[int], kinds: Sequence[str]) -> tuple[list[int], Inferred]:
+    """What save_inferred stored, for the products that have all of it (logits of every one of the
+    bundle's base models, kinds), in pks order."""
     logits: dict[int, dict[str, list[float]]] = {}
     q = select(m.BaseLogits).where(m.BaseLogits.product_pk.in_(pks), m.BaseLogits.model_version == model_version)
     for row in session.scalars(q):
@@ -59,11 +60,11 @@ def load_inferred(session, model_version: str, pks: Sequence[int]) -> tuple[list
     contrib = {c.product_pk: c for c in session.scalars(
         select(m.ModalityContribution).where(m.ModalityContribution.product_pk.in_(pks)))}
     products = {p.id: p for p in load_products(session, pks)}
-    ready = [pk for pk in pks if len(logits.get(pk, {})) == len(KINDS) and pk in contrib]
+    ready = [pk for pk in pks if set(kinds) <= set(logits.get(pk, {})) and pk in contrib]
     has_text = np.array([bool(products[pk].title or products[pk].description) for pk in ready], bool)
     has_image = np.array([products[pk].image is not None for pk in ready], bool)
     return ready, Inferred(
-        {k: np.array([logits[pk][k] for pk in ready], np.float32).reshape(len(ready), -1) for k in KINDS},
+        {k: np.array([logits[pk][k] for pk in ready], np.float32).reshape(len(ready), -1 if ready else 0) for k in kinds},
         Contributions.from_rows([{f: getattr(contrib[pk], f) for f in CONTRIBUTION_COLUMNS} for pk in ready]),
         has_text, has_image,
     )

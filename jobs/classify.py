@@ -32,7 +32,7 @@ from pipeline.stackers import load_stacker
 log = logging.getLogger(__name__)
 
 
-def classify_run(factory, backend, stacker, labels, model_version: str, run_id: int, *, batch_size: int,
+def classify_run(factory, backend, stacker, manifest: dict, model_version: str, run_id: int, *, batch_size: int,
                  mmshap: MMShapConfig, thresholds: Thresholds, reference: dict | None = None,
                  progress: Callable[[int], None] | None = None, options: dict | None = None) -> dict:
     """The embedded runner: every pending product of a run through infer and stack, in batches."""
@@ -47,7 +47,7 @@ def classify_run(factory, backend, stacker, labels, model_version: str, run_id: 
         t0 = time.perf_counter()
         infer_batch(factory, backend, model_version, batch, mmshap)
         t1 = time.perf_counter()
-        stack_batch(factory, stacker, labels, model_version, batch)
+        stack_batch(factory, stacker, manifest, model_version, batch)
         timings["infer_s"] += t1 - t0
         timings["stack_s"] += time.perf_counter() - t1
         if progress:
@@ -82,7 +82,7 @@ class Classifier:
 
     def run(self, run_id: int, progress=None, options: dict | None = None) -> dict:
         extra = self.bundle.manifest.get("extra", {})
-        timings = classify_run(self.factory, self.backend, self.stacker, self.bundle.labels, self.version, run_id,
+        timings = classify_run(self.factory, self.backend, self.stacker, self.bundle.manifest, self.version, run_id,
                                batch_size=self.settings.batch_size, mmshap=self.mmshap,
                                thresholds=self.settings.collapse, reference=extra.get("collapse_reference"),
                                progress=progress, options=options)

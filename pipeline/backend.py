@@ -60,6 +60,10 @@ class Backend:
         }
         return {k: call() for k, call in calls.items() if self._serves(k)}
 
+    def sparse_logits(self, products: Sequence[Product]) -> dict[str, np.ndarray]:
+        """The bundle's sparse text models (pipeline.tfidf), always on this machine's CPU."""
+        return {name: m.logits([p.text for p in products]) for name, m in self.bundle.sparse.items()}
+
     def image_embeddings(self, x: Encoded | np.ndarray) -> np.ndarray:
         """CLIP pixels (B, 3, S, S) or an Encoded -> MMBT image tokens (B, N, H)."""
         return self._call(ENCODE_IMAGE, x.clip_pixels if isinstance(x, Encoded) else x)

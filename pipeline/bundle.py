@@ -7,6 +7,8 @@
                        library versions, training metrics, extra, created, content_hash
   tokenizer.json       the WordPiece tokenizer
   text.safetensors  image.safetensors  multimodal.safetensors
+  tfidf.safetensors  tfidf.vocab.json   the sparse text learner, when trained (pipeline.tfidf;
+                       manifest "sparse" {name: files, num_classes, sha256s})
   <name>.safetensors | <name>.json   artefacts added later (a stacker's weights, its config ...)
 
 content_hash is a SHA-256 over everything that determines the base models' outputs (preset,
@@ -29,12 +31,13 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from pipeline.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, NAME, TOKENIZER, BundleError, bundle_id,
+from pipeline.manifest import (FORMAT, FORMAT_VERSION, MANIFEST, NAME, TOKENIZER, BundleError, base_kinds, bundle_id,
                                checked_file, content_hash, read_manifest, sha256_file, write_manifest)
 from pipeline.models import create_model
 from pipeline.presets import get_preset
 from pipeline.preprocess import NORM, image_norm, image_size
 from pipeline.records import KINDS
+from pipeline.tfidf import TfidfModel
 from pipeline.tokenizer import Tokenizer
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -61,14 +64,15 @@ def preprocessing(preset: dict) -> dict:
 
 def save_bundle(path: str | Path, *, preset: str | dict, labels: list[str], tokenizer: Tokenizer,
                 models: dict[str, nn.Module], metrics: dict | None = None, extra: dict | None = None,
-                checkpoints: dict | None = None, overwrite: bool = False) -> dict:
+                checkpoints: dict | None = None, sparse: dict[str, TfidfModel] | None = None,
+                overwrite: bool = False) -> dict:
     path, preset = Path(path), get_preset(preset)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise BundleError(f"{path} exists and is not empty (pass overwrite=True)")
     if len(set(labels)) != len(labels):
         raise BundleError("labels must be unique")
     path.mkdir(parents=True, exist_ok=True)
-    for old in path.glob("*.safetensors"):  # an overwritten bundle keeps no stale weights or artefacts
+    for old in [*path.glob("*.safetensors"), *path.glob("*.vocab.json")]:  # an overwritten bundle keeps no stale weights or artefacts
         old.unlink()
     entries = {}
     for kind, model in models.items():
@@ -77,13 +81,21 @@ def save_bundle(path: str | Path, *, preset: str | dict, labels: list[str], toke
         save_model(model, str(path / f"{kind}.safetensors"))
         entries[kind] = {"file": f"{kind}.safetensors", "arch": model.arch,
                          "sha256": sha256_file(path / f"{kind}.safetensors")}
+    sparse_entries = {}
+    for name, model in (sparse or {}).items():
+        if model.n_classes != len(labels):
+            raise BundleError(f"sparse model {name!r} has {model.n_classes} classes, not {len(labels)}")
+        files = model.save(path, name)
+        sparse_entries[name] = {**files, "num_classes": model.n_classes, "sha256": sha256_file(path / files["file"]),
+                                "vocab_sha256": sha256_file(path / files["vocab"])}
     tokenizer.save(path / TOKENIZER)
     manifest = {
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "preset_name": preset.get("name"), "preset": preset, "labels": list(labels),
         "tokenizer": TOKENIZER, "tokenizer_sha256": sha256_file(path / TOKENIZER),
-        "preprocessing": preprocessing(preset), "models": entries, "artifacts": {},
+        "preprocessing": preprocessing(preset), "models": entries,
+        **({"sparse": sparse_entries} if sparse_entries else {}), "artifacts": {},
         "versions": versions(), "metrics": metrics or {}, "extra": extra or {}, "checkpoints": checkpoints or {},
     }
     manifest["content_hash"] = content_hash(manifest)
@@ -98,11 +110,17 @@ class Bundle:
     tokenizer: Tokenizer
     models: dict[str, nn.Module]
     device: torch.device
+    sparse: dict[str, TfidfModel] = field(default_factory=dict)  # base models run on the CPU beside the backend
     preset: dict = field(init=False)
     labels: list[str] = field(init=False)
 
     def __post_init__(self):
         self.preset, self.labels = self.manifest["preset"], self.manifest["labels"]
+
+    @property
+    def kinds(self) -> list[str]:
+        """Every base model, in the order stackers use."""
+        return base_kinds(self.manifest)
 
     @property
     def content_hash(self) -> str:
@@ -134,14 +152,16 @@ def load_bundle(path: str | Path, device: str | torch.device = "auto", kinds: It
         model = create_model(kind, {**manifest["preset"], **arch}, arch["num_classes"])
         load_model(model, str(checked_file(path, entry["file"], entry["sha256"])), strict=True)
         models[kind] = model.to(device).eval()
-    return Bundle(path, manifest, tokenizer, models, device)
+    sparse = {name: TfidfModel.load(checked_file(path, e["file"], e["sha256"]), checked_file(path, e["vocab"], e["vocab_sha256"]))
+              for name, e in manifest.get("sparse", {}).items()}
+    return Bundle(path, manifest, tokenizer, models, device, sparse)
 
 
 def save_artifact(path: str | Path, name: str, obj: dict) -> dict:
     """A dict of tensors/arrays -> <name>.safetensors; any other JSON-able dict -> <name>.json."""
     path = Path(path)
     manifest = read_manifest(path)
-    if not NAME.match(name) or name in KINDS or name in ("manifest", "tokenizer"):
+    if not NAME.match(name) or name in KINDS or name in manifest.get("sparse", {}) or name in ("manifest", "tokenizer"):
         raise BundleError(f"bad artefact name {name!r}")
     tensors = bool(obj) and all(isinstance(v, (torch.Tensor, np.ndarray)) for v in obj.values())
     file = f"{name}.safetensors" if tensors else f"{name}.json"

@@ -18,14 +18,14 @@ from pipeline.stackers import StackInputs, Stacker
 
 
 def infer(backend, products: Sequence[Product], config: MMShapConfig, seed_key: str) -> Inferred:
-    """Base-model logits for a batch and the MM-SHAP of the multimodal model (pipeline.mmshap).
+    """Base-model logits for a batch (the sparse text model's too) and the MM-SHAP of the multimodal model (pipeline.mmshap).
 
     Each product's sampling is seeded from (seed_key, its content), seed_key the bundle id, so its
     contributions do not depend on the batch it is in. The amortized method predicts them from the
     logits instead (pipeline.amortized), sampling only the audited products.
     """
     enc = backend.encode(products)
-    logits = backend.base_logits(enc)
+    logits = {**backend.base_logits(enc), **backend.sparse_logits(products)}
     seeds = np.array([product_seed(seed_key, p) for p in products], np.uint64)
     if config.method == "amortized" and not config.off:
         contrib = explain_amortized(backend, enc, config, seeds, logits)

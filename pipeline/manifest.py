@@ -39,7 +39,16 @@ def _canonical(obj: Any) -> bytes:
 def content_hash(manifest: dict) -> str:
     core = {k: manifest[k] for k in ("preset", "labels", "tokenizer_sha256")}
     core["models"] = {k: {"arch": v["arch"], "sha256": v["sha256"]} for k, v in manifest["models"].items()}
+    if manifest.get("sparse"):  # absent from bundles without one, whose ids stay what they were
+        core["sparse"] = {k: {"sha256": v["sha256"], "vocab_sha256": v["vocab_sha256"]} for k, v in manifest["sparse"].items()}
     return hashlib.sha256(_canonical(core)).hexdigest()
+
+
+def base_kinds(manifest: dict) -> list[str]:
+    """A bundle's base models in the order stackers use: text, image, multimodal, then the others by name."""
+    order = ("text", "image", "multimodal")  # pipeline.records.KINDS, without importing numpy here
+    present = [*manifest["models"], *manifest.get("sparse", {})]
+    return [k for k in order if k in present] + sorted(set(present) - set(order))
 
 
 def bundle_id(manifest: dict) -> str:

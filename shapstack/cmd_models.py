@@ -30,6 +30,8 @@ from shapstack.summaries import print_json
               help="Fit amortized MM-SHAP's explainer (docs/amortized.md).")
 @click.option("--explainer-products", default=2000, show_default=True, type=click.IntRange(10),
               help="With --folds > 1: training products whose MM-SHAP under the final models the explainer learns from.")
+@click.option("--tfidf/--no-tfidf", default=None,
+              help="Stack a fourth base model, TF-IDF + logistic regression (default: as the preset says).")
 @click.option("--tokenizer", type=click.Path(exists=True), help="A local pretrained tokenizer (default: train WordPiece).")
 @checkpoint_options
 @click.option("--paper-epochs", default=50_000, show_default=True, type=click.IntRange(1),
@@ -38,9 +40,9 @@ from shapstack.summaries import print_json
 @click.pass_context
 def train(ctx: click.Context, feed: str, out: str, preset: str, label_column: str, group_column: str,
           min_class_size: int, folds: int, seed: int, epochs: int | None, test_fraction: float,
-          mmshap_budget: int | None, explainer: bool, explainer_products: int, tokenizer: str | None, paper_epochs: int, device: str | None,
-          **checkpoints: str | None) -> None:
-    """Train the three base models and every stacker into a model bundle (resumable)."""
+          mmshap_budget: int | None, explainer: bool, explainer_products: int, tfidf: bool | None,
+          tokenizer: str | None, paper_epochs: int, device: str | None, **checkpoints: str | None) -> None:
+    """Train the base models and every stacker into a model bundle (resumable)."""
     from train.data import TrainConfig
     from train.train_bundle import train_bundle
 
@@ -49,7 +51,7 @@ def train(ctx: click.Context, feed: str, out: str, preset: str, label_column: st
                       min_class_size=min_class_size, folds=folds, seed=seed, epochs=epochs, device=settings.device,
                       test_fraction=test_fraction,
                       mmshap_budget=mmshap_budget, explainer=explainer, explainer_products=explainer_products, tokenizer=tokenizer,
-                      checkpoints=checkpoints_of(**checkpoints), paper_epochs=paper_epochs,
+                      checkpoints=checkpoints_of(**checkpoints), paper_epochs=paper_epochs, tfidf=tfidf,
                       **{f"mmshap_{k}": v for k, v in {
                           "mode": settings.mmshap_image_mode, "target_stderr": settings.mmshap_target_stderr,
                           "cap": settings.mmshap_cap, "players": settings.mmshap_players}.items() if v is not None})

@@ -98,8 +98,9 @@ def test_contributions_null_first_writer_wins_and_left_out_of_views(db_url, cata
         upsert(s, m.Prediction, [{"product_pk": r.id, "run_id": run_id, "category": "a", "confidence": 0.9,
                                   "model_version": version, "stacker": "mmshap"} for r in rows], ["product_pk", "stacker"])
     with factory() as s:
-        ready, got = load_inferred(s, version, [r.id for r in rows])
+        ready, got = load_inferred(s, version, [r.id for r in rows], KINDS)
         assert ready == [r.id for r in rows]
+        assert load_inferred(s, version, [r.id for r in rows], (*KINDS, "tfidf"))[0] == []  # a base model's logits missing
         assert got.contributions.t_shap[0] == 0.95 and np.isnan(got.contributions.t_shap[1:]).all()
         assert got.contributions.reason[1] == "missing modality: no image players"
         assert got.contributions.reason[2] == "budget 10 < minimum 42 coalitions for 20 players"

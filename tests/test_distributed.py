@@ -24,6 +24,7 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from conftest import REDIS_URL, service_missing
+from pipeline.manifest import base_kinds, read_manifest
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
@@ -34,7 +35,8 @@ REDIS_RESTART = ["redis-server", "--daemonize", "yes", "--bind", "127.0.0.1", "-
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:
-    """A tiny bundle, trained once (on other products than the feeds classified below)."""
+    """A tiny bundle with the sparse text model as a fourth base model, trained once (on other
+    products than the feeds classified below)."""
     from pipeline.synthetic import make_catalogue
     from train.data import TrainConfig
     from train.train_bundle import train_bundle
@@ -42,7 +44,7 @@ def bundle(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist-bundle")
     feed = make_catalogue(root / "train", 120, 6, seed=1, image_size=32)
     cfg = TrainConfig(preset="tiny", folds=2, min_class_size=5, mmshap_budget=160, epochs=1, stackers=("mmshap",),
-                      test_fraction=0.25)
+                      test_fraction=0.25, tfidf=True)
     train_bundle(feed, root / "bundle", cfg, log=lambda *a: None)
     return root / "bundle"
 
@@ -106,6 +108,7 @@ class Cluster:
 
     def __init__(self, root: Path, database_url: str, broker_url: str, bundle: Path, **env: str):
         self.root, self.database_url = root, database_url
+        self.kinds = base_kinds(read_manifest(bundle))
         self.env = {**os.environ, "SHAPSTACK_DATABASE_URL": database_url, "SHAPSTACK_BROKER_URL": broker_url,
                     "SHAPSTACK_BUNDLE": str(bundle), "SHAPSTACK_DEVICE": "cpu",
                     "SHAPSTACK_INFER_BATCH_SIZE": "25", "SHAPSTACK_TASK_TIME_LIMIT_S": str(LIMIT_S), **env}
@@ -184,7 +187,8 @@ class Cluster:
         return json.loads(r.stdout)
 
     def assert_exactly_once(self, run_id: int, n: int, dead: int = 0) -> None:
-        """n accepted products; each one not dead-lettered has one prediction, contribution, 3 logits."""
+        """n accepted products; each one not dead-lettered has one prediction, one contribution, and
+        the logits of every base model (four: text, image, multimodal, tfidf)."""
         [(products, predictions, predicted, contributions, logits, dead_letters, done)] = self.query("""
             SELECT (SELECT count(*) FROM products WHERE run_id = :r),
                    (SELECT count(*) FROM predictions WHERE run_id = :r),
@@ -195,7 +199,8 @@ class Cluster:
                    (SELECT count(*) FROM products WHERE run_id = :r AND status = 'done')""", r=run_id)
         assert products == n
         assert predictions == predicted == done == n - dead
-        assert contributions == n - dead and logits == 3 * (n - dead)
+        assert self.kinds == ["text", "image", "multimodal", "tfidf"]
+        assert contributions == n - dead and logits == len(self.kinds) * (n - dead)
         assert dead_letters == dead
         assert self.query("""SELECT count(*) FROM products p WHERE p.run_id = :r AND p.status = 'done'
                              AND NOT EXISTS (SELECT 1 FROM predictions q WHERE q.product_pk = p.id)""",

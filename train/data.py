@@ -34,6 +34,7 @@ class TrainConfig:
     checkpoints: dict | None = None  # text | image | clip -> registry name or local path (over the preset's)
     stackers: tuple[str, ...] = STACKERS
     paper_epochs: int = PAPER_EPOCHS  # mmshap-paper's full-batch SGD epochs (the paper's 50,000)
+    tfidf: bool | None = None  # the sparse text base learner (pipeline.tfidf); None: as the preset says
 
     @property
     def mmshap(self) -> MMShapConfig:

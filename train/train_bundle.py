@@ -31,6 +31,7 @@ from pipeline.preprocess import encode_products
 from pipeline.pretrained import apply_checkpoints, checkpoint_sha256, describe, model_checkpoints, resolve_all
 from pipeline.presets import get_preset
 from pipeline.records import KINDS, Limits
+from pipeline.tfidf import KIND as TFIDF, TfidfModel
 from pipeline.stackers import UNFITTED, StackInputs, fit_stackers, make_stacker, save_oof, save_stackers
 from pipeline.tokenizer import Tokenizer, checkpoint_tokenizer, train_tokenizer
 from train.base_models import fit, frozen_image_features
@@ -112,8 +113,18 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
             log(f"  {tag} {kind}: {stats[kind]['train_s']} s" + (" (resumed)" if stats[kind].get("resumed") else ""))
         return models, stats
 
+    use_tfidf = preset.get("tfidf", False) if cfg.tfidf is None else cfg.tfidf
+    kinds = (*KINDS, TFIDF) if use_tfidf else KINDS
+    texts = [p.text for p in products]
+
+    def train_tfidf(rows: np.ndarray, tag: str) -> tuple[TfidfModel, dict]:
+        t0 = time.perf_counter()
+        model = TfidfModel.fit([texts[i] for i in rows], y[rows], len(labels), seed=cfg.seed)
+        log(f"  {tag} {TFIDF}: {time.perf_counter() - t0:.0f} s")
+        return model, {"train_s": round(time.perf_counter() - t0, 1)}
+
     # out-of-fold outputs
-    oof = {k: np.zeros((len(y), len(labels)), np.float32) for k in KINDS}
+    oof = {k: np.zeros((len(y), len(labels)), np.float32) for k in kinds}
     reliance = {f: np.full(len(y), np.nan) for f in RELIANCE}
     covered = np.zeros(len(y), bool)
     fold_stats = []
@@ -132,21 +143,26 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
             oof[k][te] = arrays[k]
         for name in RELIANCE:
             reliance[name][te] = arrays[name]
+        if use_tfidf:
+            sparse, stats[TFIDF] = train_tfidf(tr, f"fold{f}")
+            oof[TFIDF][te] = sparse.logits([texts[i] for i in te])
         covered[te] = True
         final_models = models
 
     if cfg.folds > 1:
         final_models, final_stats = train_models(np.arange(len(y)), "final")
+        if use_tfidf:
+            sparse, final_stats[TFIDF] = train_tfidf(np.arange(len(y)), "final")
     else:
         final_stats = fold_stats[0]
 
     # stackers on out-of-fold outputs only
     rows = np.nonzero(covered)[0]
-    x = StackInputs({k: oof[k][rows] for k in KINDS}, reliance["t_shap"][rows], enc.has_text[rows],
+    x = StackInputs({k: oof[k][rows] for k in kinds}, reliance["t_shap"][rows], enc.has_text[rows],
                     enc.has_image[rows], reliance["t_stderr"][rows], reliance["game_text_share"][rows])
     stackers = fit_stackers(x, y[rows], cfg.stackers, seed=cfg.seed, paper_epochs=cfg.paper_epochs)
     present = sorted(set(y[rows].tolist()))
-    oof_scores = {k: scores(y[rows], oof[k][rows].argmax(1), present) for k in KINDS}
+    oof_scores = {k: scores(y[rows], oof[k][rows].argmax(1), present) for k in kinds}
     reference = collapse_reference(x, y[rows], labels, stackers)
     explainer = None
     if cfg.explainer and not cfg.mmshap.off:
@@ -168,9 +184,9 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
         "oof": oof_scores,
         "oof_mean_t_shap": float(np.nanmean(x.t_shap)) if np.isfinite(x.t_shap).any() else None,
         "oof_t_shap_null": int((~np.isfinite(x.t_shap)).sum()),
-        "train_s": {k: final_stats[k]["train_s"] for k in KINDS},
+        "train_s": {k: final_stats[k]["train_s"] for k in kinds},
         "stacker_fit_s": {name: s.fit_s for name, s in stackers.items()},
-        "fold_train_s": [{k: s[k]["train_s"] for k in KINDS} for s in fold_stats],
+        "fold_train_s": [{k: s[k]["train_s"] for k in kinds} for s in fold_stats],
         "encode_s": round(encode_s, 1),
         "total_s": round(time.perf_counter() - started, 1),
     }
@@ -183,7 +199,8 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
         **({"mmshap_explainer": explainer_meta} if explainer is not None else {}),
     }
     manifest = save_bundle(out, preset=preset, labels=labels, tokenizer=tokenizer, models=final_models,
-                           metrics=metrics, extra=extra, checkpoints=describe(paths), overwrite=True)
+                           metrics=metrics, extra=extra, checkpoints=describe(paths),
+                           sparse={TFIDF: sparse} if use_tfidf else None, overwrite=True)
     save_stackers(out, stackers)
     save_oof(out, x, y[rows])
     if explainer is not None:

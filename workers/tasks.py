@@ -32,6 +32,7 @@ from db.runs import set_run, start_run
 from jobs.infer import infer_batch
 from jobs.ingest import ingest_feed
 from jobs.stack import stack_batch
+from pipeline.manifest import base_kinds
 from pipeline.split import split_selector
 from workers import metrics
 from workers import heartbeat
@@ -206,7 +207,7 @@ def infer(run_id: int, pks: list[int], seen: int = 0) -> int:
         info, models, config = ready
         inject_fault("infer")
         with factory()() as s:
-            missing = uninferred(s, info.bundle_id, todo)
+            missing = uninferred(s, info.bundle_id, todo, base_kinds(models.bundle.manifest))
         if missing:
             infer_batch(factory(), models, info.bundle_id, missing, config)
             metrics.mmshap(factory(), missing)
@@ -227,11 +228,11 @@ def stack(run_id: int, pks: list[int], seen: int = 0) -> int:
     def prepare():
         info = run_info(run_id)
         path = info.bundle_path
-        return info, stacker(path, info.bundle_id, info.stacker), manifest(path)["labels"]
+        return info, stacker(path, info.bundle_id, info.stacker), manifest(path)
 
     def work(todo: list[int], ready) -> None:
-        info, meta, labels = ready
-        stack_batch(factory(), meta, labels, info.bundle_id, todo)
+        info, meta, bundle_manifest = ready
+        stack_batch(factory(), meta, bundle_manifest, info.bundle_id, todo)
 
     outcome = run_batch("stack", factory(), pks, seen, work, _resend("stack", run_id), _claimant(), prepare)
     metrics.batch_done("stack", len(outcome.done), outcome.parked)
