@@ -1,4 +1,5 @@
-"""The --text-checkpoint / --image-checkpoint / --clip-checkpoint options `train` and `retrain` share."""
+"""The model options `train` and `retrain` share: --text-checkpoint / --image-checkpoint /
+--clip-checkpoint, and --tfidf/--no-tfidf."""
 
 from __future__ import annotations
 
@@ -28,3 +29,8 @@ def checkpoints_of(text_checkpoint: str | None, image_checkpoint: str | None, cl
     """slot -> registry name or absolute path (a worker elsewhere reads the same path)."""
     given = {"text": text_checkpoint, "image": image_checkpoint, "clip": clip_checkpoint}
     return {slot: ref if ref in REGISTRY else str(Path(ref).resolve()) for slot, ref in given.items() if ref}
+
+
+tfidf_option = click.option(
+    "--tfidf/--no-tfidf", default=None,
+    help="Stack a fourth base model, TF-IDF + logistic regression (default: as the preset says).")

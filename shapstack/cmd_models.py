@@ -7,7 +7,7 @@ import click
 from pipeline.feed import check_feed
 from pipeline.manifest import require_bundle
 from pipeline.presets import preset_names
-from shapstack.checkpoint_options import checkpoint_options, checkpoints_of
+from shapstack.checkpoint_options import checkpoint_options, checkpoints_of, tfidf_option
 from shapstack.group import cli, echo_for, json_option, progress_bar, settings_of
 from shapstack.summaries import print_json
 
@@ -30,8 +30,7 @@ from shapstack.summaries import print_json
               help="Fit amortized MM-SHAP's explainer (docs/amortized.md).")
 @click.option("--explainer-products", default=2000, show_default=True, type=click.IntRange(10),
               help="With --folds > 1: training products whose MM-SHAP under the final models the explainer learns from.")
-@click.option("--tfidf/--no-tfidf", default=None,
-              help="Stack a fourth base model, TF-IDF + logistic regression (default: as the preset says).")
+@tfidf_option
 @click.option("--tokenizer", type=click.Path(exists=True), help="A local pretrained tokenizer (default: train WordPiece).")
 @checkpoint_options
 @click.option("--paper-epochs", default=50_000, show_default=True, type=click.IntRange(1),

@@ -27,7 +27,7 @@ from pipeline.errors import UserError
 from pipeline.manifest import bundle_id, read_manifest, require_bundle
 from pipeline.presets import preset_names
 from pipeline.split import split_selector
-from shapstack.checkpoint_options import checkpoint_options, checkpoints_of
+from shapstack.checkpoint_options import checkpoint_options, checkpoints_of, tfidf_option
 from shapstack.group import cli, echo_for, json_option, progress_bar, session_factory, settings_of
 from shapstack.settings import Settings
 from shapstack.summaries import print_ingest_summary, print_json, print_run_summary, run_summary
@@ -260,12 +260,13 @@ def requeue(ctx: click.Context, run: int, which: str, as_json: bool) -> None:
 @click.option("--epochs", type=click.IntRange(1), help="Override the preset's epochs for every model.")
 @click.option("--mmshap-budget", type=click.IntRange(0), help="Coalitions per product for out-of-fold MM-SHAP.")
 @click.option("--seed", default=0, show_default=True)
+@tfidf_option
 @checkpoint_options
 @json_option
 @click.pass_context
 def retrain(ctx: click.Context, out: str | None, list_only: bool, preset: str, runs: tuple[int, ...], folds: int,
-            min_class_size: int, epochs: int | None, mmshap_budget: int | None, seed: int, as_json: bool,
-            **checkpoints: str | None) -> None:
+            min_class_size: int, epochs: int | None, mmshap_budget: int | None, seed: int, tfidf: bool | None,
+            as_json: bool, **checkpoints: str | None) -> None:
     """Queue training of a new bundle on the labelled products in the database (queue: train)."""
     settings: Settings = ctx.obj
     if list_only:
@@ -277,7 +278,7 @@ def retrain(ctx: click.Context, out: str | None, list_only: bool, preset: str, r
     if not n:
         raise UserError(f"no labelled products in {'runs ' + ', '.join(map(str, runs)) if runs else 'the database'}")
     config = {"preset": preset, "folds": folds, "min_class_size": min_class_size, "seed": seed,
-              "mmshap_mode": settings.mmshap_image_mode, "epochs": epochs, "mmshap_budget": mmshap_budget,
+              "mmshap_mode": settings.mmshap_image_mode, "epochs": epochs, "mmshap_budget": mmshap_budget, "tfidf": tfidf,
               "checkpoints": checkpoints_of(**checkpoints) or None}
     config = {k: v for k, v in config.items() if v is not None}
     out = str(Path(out).resolve())

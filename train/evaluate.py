@@ -85,7 +85,7 @@ def evaluate_bundle(feed, bundle_path, *, split: str | None = None, report: Path
     (None: as the bundle was trained). progress(n, total) is called after each batch.
     Each row: P, R, F1 (macro and weighted), accuracy, 95% paired-bootstrap intervals of macro P,
     R, F1 (n_boot resamples of the test products, seed 0) and of the macro-F1 difference to the
-    best base model; with seeds > 1, the seeded stackers are refitted on the bundle's out-of-fold
+    best base model (or the TF-IDF baseline, when asked for and better); with seeds > 1, the seeded stackers are refitted on the bundle's out-of-fold
     inputs with seeds 0..seeds-1 and each row gets the mean and spread of its macro-F1.
     """
     limits = limits or Limits()
@@ -123,7 +123,8 @@ def evaluate_bundle(feed, bundle_path, *, split: str | None = None, report: Path
                                            [p.text for p in products])
     present = sorted(set(y.tolist()))
     table = {name: scores(y, pred, present) for name, pred in preds.items()}
-    best_base = max(x.kinds, key=lambda k: table[k]["macro_f1"])
+    # the reference of every difference: the best single model, the TF-IDF baseline included when asked for
+    best_base = max([*x.kinds, *(["tfidf+lr"] if tfidf else [])], key=lambda k: table[k]["macro_f1"])
     intervals = bootstrap_scores(y, preds, present, reference=best_base, n=n_boot, seed=0)
     for name, row in table.items():
         row.update({f"{k}_ci": list(v) for k, v in intervals[name].items()})
@@ -139,7 +140,7 @@ def evaluate_bundle(feed, bundle_path, *, split: str | None = None, report: Path
         report = Path(report)
         report.mkdir(parents=True, exist_ok=True)
         per_class_csv(report / "per_class.csv", y, preds, bundle.labels, present)
-        best = max((n for n in table if n not in KINDS and n != "tfidf+lr"), key=lambda n: table[n]["macro_f1"],
+        best = max((n for n in table if n not in x.kinds and n != "tfidf+lr"), key=lambda n: table[n]["macro_f1"],
                    default="multimodal")
         for name in dict.fromkeys(["multimodal", best]):
             confusion_png(report / f"confusion_{name}.png", y, preds[name], bundle.labels, present, f"{name} (normalised by row)")
