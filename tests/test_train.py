@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -69,6 +70,10 @@ def test_training_resumes_and_is_deterministic(tmp_path):
     assert again["content_hash"] == first["content_hash"]
     fresh = train_bundle(feed, tmp_path / "b2", cfg, log=lambda *_: None)
     assert fresh["content_hash"] == first["content_hash"]  # same seed, same weights
+    logs.clear()
+    other = train_bundle(feed, tmp_path / "b", replace(cfg, mmshap_budget=12), log=logs.append)
+    assert sum("resumed" in line for line in logs) == 9  # another MM-SHAP budget reuses the trained models
+    assert other["content_hash"] == first["content_hash"] and other["extra"]["mmshap"]["budget"] == 12
 
 
 def test_too_few_classes_is_a_clear_error(tmp_path):

@@ -1,5 +1,9 @@
 """Resumable training: fold models and out-of-fold outputs saved under OUT/.work as they finish,
-keyed by a hash of the data and settings, so that a rerun skips what is there."""
+keyed by a hash of the data and settings, so that a rerun skips what is there.
+
+Two keys: the models' (data, preset, seeds, checkpoints) names the folder, and the MM-SHAP
+settings' names the arrays computed with MM-SHAP, so that a rerun with another MM-SHAP budget or
+mode reuses the trained models and recomputes only the contributions."""
 
 from __future__ import annotations
 
@@ -18,8 +22,9 @@ def cache_key(*parts) -> str:
 class WorkDir:
     """Checkpoints of fold models and out-of-fold outputs under OUT/.work, for resuming."""
 
-    def __init__(self, root: Path, key: str):
+    def __init__(self, root: Path, key: str, mmshap_key: str):
         self.dir = root / ".work" / key
+        self.mmshap_key = mmshap_key
         self.dir.mkdir(parents=True, exist_ok=True)
 
     def model(self, name: str, build, train):
@@ -33,6 +38,10 @@ class WorkDir:
         save_model(model, str(path))
         stats_path.write_text(json.dumps(stats))
         return model, stats
+
+    def mmshap_arrays(self, name: str, compute) -> dict[str, np.ndarray]:
+        """arrays() for outputs that depend on the MM-SHAP settings too."""
+        return self.arrays(f"{name}-mmshap-{self.mmshap_key}", compute)
 
     def arrays(self, name: str, compute) -> dict[str, np.ndarray]:
         path = self.dir / f"{name}.npz"

@@ -35,7 +35,7 @@ def explainer_targets(work, backend, products: list, rows: np.ndarray, oof: Stac
         res = stack_inputs(infer(backend, [products[i] for i in chosen], cfg.mmshap, seed_key=f"train-seed-{cfg.seed}"))
         return {**res.logits, "t_shap": res.t_shap, "t_stderr": res.t_stderr, "game_text_share": res.game_text_share}
 
-    a = work.arrays(f"final-mmshap-{len(chosen)}", compute)
+    a = work.mmshap_arrays(f"final-{len(chosen)}", compute)
     return chosen, StackInputs({k: a[k] for k in KINDS}, a["t_shap"], None, None, a["t_stderr"], a["game_text_share"])
 
 

@@ -84,9 +84,9 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
     encode_s = time.perf_counter() - t0
     hashes = {slot: checkpoint_sha256(path) for slot, path in paths.items()}
     sampled = {k: v for k, v in asdict(cfg.mmshap).items() if k not in ("method", "audit_fraction")}
-    key = cache_key(preset, cfg.seed, cfg.epochs, cfg.folds, sampled, MMSHAP_ESTIMATOR,
+    key = cache_key(preset, cfg.seed, cfg.epochs, cfg.folds,
                     [p.content_hash for p in products], labels, tokenizer.tok.to_str(), hashes)
-    work = WorkDir(out, key)
+    work = WorkDir(out, key, cache_key(sampled, MMSHAP_ESTIMATOR))
     ckpt = model_checkpoints(preset, paths)
     features = {}
     if preset.get("freeze_image"):
@@ -138,7 +138,7 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
             x = stack_inputs(res)
             return {**res.logits, **{f: getattr(x, f) for f in RELIANCE}}
 
-        arrays = work.arrays(f"fold{f}-oof-v2", held_out)  # v2: with t_stderr and the game share
+        arrays = work.mmshap_arrays(f"fold{f}-oof", held_out)
         for k in KINDS:
             oof[k][te] = arrays[k]
         for name in RELIANCE:
