@@ -12,7 +12,9 @@ import asyncio
 import base64
 import itertools
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -122,7 +124,9 @@ def render(page: Path, screenshot: Path, timeout: float = 60) -> Rendered:
     if binary is None:
         raise FileNotFoundError("no chromium on PATH (Debian: apt-get install chromium)")
     port = _port()
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still be writing the profile when the browser exits; the
+    # whole process group is killed before the profile is removed, and a file it left is no failure.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([binary, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
                                  "--disable-extensions", "--disable-dev-shm-usage", f"--user-data-dir={profile}",
                                  f"--remote-debugging-port={port}", "--remote-allow-origins=*", "about:blank"],
@@ -137,3 +141,7 @@ def render(page: Path, screenshot: Path, timeout: float = 60) -> Rendered:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # helpers in the browser's session
+            except ProcessLookupError:
+                pass
