@@ -17,6 +17,8 @@ from pipeline.errors import UserError
 
 FORMAT, FORMAT_VERSION = "shapstack-bundle", 1
 MANIFEST, TOKENIZER = "manifest.json", "tokenizer.json"
+# the neural base learners, in the order every table, stacker and bundle uses (others follow by name)
+KINDS = ("text", "image", "multimodal")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -44,11 +46,15 @@ def content_hash(manifest: dict) -> str:
     return hashlib.sha256(_canonical(core)).hexdigest()
 
 
+def ordered_kinds(names) -> list[str]:
+    """Base model names in the order stackers use: KINDS' order first, then any others by name."""
+    names = set(names)
+    return [k for k in KINDS if k in names] + sorted(names - set(KINDS))
+
+
 def base_kinds(manifest: dict) -> list[str]:
-    """A bundle's base models in the order stackers use: text, image, multimodal, then the others by name."""
-    order = ("text", "image", "multimodal")  # pipeline.records.KINDS, without importing numpy here
-    present = [*manifest["models"], *manifest.get("sparse", {})]
-    return [k for k in order if k in present] + sorted(set(present) - set(order))
+    """A bundle's base models (neural and sparse) in the order stackers use."""
+    return ordered_kinds([*manifest["models"], *manifest.get("sparse", {})])
 
 
 def bundle_id(manifest: dict) -> str:

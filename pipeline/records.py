@@ -10,8 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-# the base learners, in the order every table, stacker and bundle uses
-KINDS = ("text", "image", "multimodal")
+from pipeline.manifest import KINDS  # noqa: F401  (re-exported: the records' readers use it)
 
 
 # the database's column sizes (db/models.py): a value over them is never sent to the database

@@ -36,7 +36,7 @@ from torch import nn
 
 from pipeline.bundle import load_artifact, read_manifest, save_artifact
 from pipeline.errors import UserError
-from pipeline.records import KINDS
+from pipeline.manifest import KINDS, ordered_kinds
 
 NAN = float("nan")
 
@@ -73,8 +73,8 @@ class StackInputs:
 
     @property
     def kinds(self) -> list[str]:
-        """The base models present: KINDS' order first, then any others by name."""
-        return [k for k in KINDS if k in self.logits] + sorted(set(self.logits) - set(KINDS))
+        """The base models present, in the order stackers use (pipeline.manifest.ordered_kinds)."""
+        return ordered_kinds(self.logits)
 
     @property
     def n_classes(self) -> int:
