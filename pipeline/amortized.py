@@ -22,7 +22,7 @@ estimate) are left out; a product missing a modality never gets an amortized val
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
@@ -192,7 +192,8 @@ def player_counts(backend, enc: Encoded, mode: str, players: str) -> tuple[np.nd
 def explain_amortized(backend, enc: Encoded, config: MMShapConfig, seeds: np.ndarray,
                       logits: dict[str, np.ndarray]) -> Contributions:
     """Predicted T-SHAP and game share for every product with both modalities (method "amortized",
-    no coalition evaluated); the audited ones also get the sampled estimate as audit_t_shap."""
+    no coalition evaluated); the audited ones also get a sampled estimate (at config.audit()) as
+    audit_t_shap."""
     n = len(enc)
     n_text, n_image = player_counts(backend, enc, config.mode, config.players)
     t, game = load_explainer(backend.bundle).predict(features(logits, n_text, n_image))
@@ -205,7 +206,7 @@ def explain_amortized(backend, enc: Encoded, config: MMShapConfig, seeds: np.nda
                 for b, nt in zip(both, n_text)]
     audit = np.nonzero(audited(seeds, config.audit_fraction) & both)[0]
     if len(audit):
-        sampled = replace(config, method="sampled")
+        sampled = config.audit()
         predicted = logits["multimodal"].argmax(1)
         for i in audit:
             est = explain_product(backend, enc, int(i), sampled, int(seeds[i]), predicted)

@@ -9,6 +9,16 @@ import numpy as np
 COLUMNS = ("macro_p", "macro_r", "macro_f1", "weighted_p", "weighted_r", "weighted_f1", "accuracy")
 
 
+
+def rmse_net_of_noise(d: np.ndarray, stderr: np.ndarray) -> float:
+    """RMSE of differences d to a sampled estimate, net of that estimate's own noise:
+    sqrt(max(0, mean(d^2 - stderr^2))), a NaN stderr counting as 0 (an exact value). It estimates
+    the RMSE to the exact value when the stderr is right (the audit of amortized MM-SHAP, the
+    explainer's cross-validation, the benchmarks against a yardstick)."""
+    d, se = np.asarray(d, np.float64), np.asarray(stderr, np.float64)
+    return float(np.sqrt(max(0.0, np.mean(d**2 - np.where(np.isfinite(se), se, 0.0) ** 2))))
+
+
 def scores(y_true: np.ndarray, y_pred: np.ndarray, labels: Sequence[int]) -> dict[str, float]:
     """Macro averages over `labels` only (the classes evaluated), so absent classes do not count as 0."""
     # imported here: collapse thresholds (and so every CLI command) import this module, sklearn costs seconds

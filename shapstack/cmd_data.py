@@ -18,7 +18,7 @@ from pipeline.synthetic import make_catalogue
 from shapstack.group import (EXIT_RUN_FAILURES, cli, echo_for, json_option, progress_bar, readonly_factory,
                              session_factory, settings_of)
 from shapstack.settings import Settings
-from shapstack.summaries import print_ingest_summary, print_json, print_run_summary, run_summary
+from shapstack.summaries import audit_line, print_ingest_summary, print_json, print_run_summary, run_summary
 
 # `shapstack demo`: sized to finish in minutes on 2 CPU cores
 DEMO = dict(products=900, classes=8, image_size=64, misleading_text=0.05, drop=0.03, folds=1, epochs=None,
@@ -116,8 +116,7 @@ def status(ctx: click.Context, run: int | None, as_json: bool) -> None:
     for reason, k in reasons.most_common(10):
         click.echo(f"    {k:>7}  {reason}")
     if audit:
-        click.echo(f"  amortized MM-SHAP audit: T-SHAP RMSE {audit['rmse']:.3f}, mean |diff| {audit['mean_abs_diff']:.3f} "
-                   f"on {audit['n']} products also sampled")
+        click.echo("  amortized MM-SHAP " + audit_line(audit))
     if p["error"]:
         click.echo(f"  last error: {p['error']}")
     if p["failed"] or p["dead"]:

@@ -45,7 +45,8 @@ def test_explainer_trains_saves_loads_and_predicts(tiny_bundle):
     meta = manifest["extra"]["mmshap_explainer"]
     assert EXPLAINER in manifest["artifacts"] and manifest["artifacts"][EXPLAINER]["type"] == "tensors"
     assert meta["n_train"] >= 10 and meta["mode"] == manifest["extra"]["mmshap"]["mode"]
-    assert 0 <= meta["cv_rmse_vs_sampled"] < 0.5
+    assert 0 <= meta["cv_rmse_net"] <= meta["cv_rmse_vs_sampled"] < 0.5
+    assert meta["targets"] == "budget 160 coalitions per product"  # 2 folds: the final models' MM-SHAP, audit policy
     bundle = load_bundle(path)
     explainer = load_explainer(bundle)
     x = np.random.default_rng(0).normal(size=(7, meta["inputs"]))
@@ -105,7 +106,11 @@ def test_audit_stores_sampled_beside_amortized_and_missing_modalities_stay_null(
     assert (full.n_evaluations[2:] > 0).all() and full.method[2:] == ["amortized"] * 6
     np.testing.assert_array_equal(full.t_shap, none.t_shap)  # auditing never changes the amortized value
     assert np.isnan(none.audit_t_shap).all() and (none.n_evaluations == 0).all()
-    sampled = infer(backend, products[2:], replace(amortized(path), method="sampled"), seed_key="test").contributions
+    audit = amortized(path).audit()  # the run's policy at the audit's looser target
+    assert audit.method == "sampled" and audit.target_stderr >= amortized(path).target_stderr
+    assert audit.budget == amortized(path).budget  # a fixed budget (the fixture's 160) stays that budget
+    assert replace(amortized(path), budget=None).audit().describe().startswith("target stderr 0.1,")
+    sampled = infer(backend, products[2:], audit, seed_key="test").contributions
     np.testing.assert_array_equal(full.audit_t_shap[2:], sampled.t_shap)  # the audit is the sampled estimate
 
 
@@ -149,4 +154,8 @@ def test_classify_amortized_end_to_end(quick_bundle, db_url, tmp_path: Path):
     assert 0.15 * len(both) < len(checked) < 0.45 * len(both) and audit["n"] == len(checked)
     diff = np.array([c.t_shap - c.audit_t_shap for c in checked])
     assert abs(audit["rmse"] - np.sqrt(np.mean(diff**2))) < 1e-9
+    se = np.array([c.audit_stderr for c in checked])
+    net = np.sqrt(max(0.0, np.mean(diff**2 - se**2)))  # net of the audit's own sampling noise
+    assert abs(audit["rmse_net"] - net) < 1e-9 and audit["rmse_net"] < audit["rmse"]
+    assert audit["rmse_net_ci"][0] <= audit["rmse_net"] <= audit["rmse_net_ci"][1]
     assert all(c.n_evaluations == 0 for c in both if c.audit_t_shap is None)
