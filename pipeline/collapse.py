@@ -54,6 +54,7 @@ COUNTS = ("n", "n_reliance", "sum_t", "sumsq_t", "n_disagree", "follow_text", "f
 # per scope, what a run's descriptive metrics need besides (summary())
 SUMMARY_COUNTS = ("n_both", "n_text_dominated", "n_image_dominated", "agree_text", "agree_image")
 LABEL_COUNTS = ("n_labelled_disagree", "text_right", "image_right")
+T_SHAP_COUNTS = ("n_reliance", "sum_t", "sumsq_t")  # what drift reads of a scope (_mean_t)
 
 
 def counts(t_shap: np.ndarray, text: np.ndarray, image: np.ndarray, mm: np.ndarray, has_text: np.ndarray,
@@ -211,6 +212,7 @@ def category_counts(t_shap, category, preds, has_text, has_image, label=None) ->
 def reference_counts(t_shap: np.ndarray, category: np.ndarray, preds: dict[str, np.ndarray], label: np.ndarray,
                      has_text: np.ndarray, has_image: np.ndarray, min_products: int = 20) -> dict[str, dict]:
     """Training-time counts per scope (out-of-fold outputs, grouped by a stacker's predicted
-    category), stored in the bundle as the reference for drift and for the unimodal models' signal."""
+    category), stored in the bundle as the reference for drift and for the unimodal models' signal;
+    label None: no signal counts."""
     by_category = category_counts(t_shap, category, preds, has_text, has_image, label)
-    return {scope: {k: c[k] for k in COUNTS} for scope, c in scope_counts(by_category, min_products)}
+    return {scope: {k: c[k] for k in COUNTS if k in c} for scope, c in scope_counts(by_category, min_products)}

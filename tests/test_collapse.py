@@ -156,3 +156,32 @@ def test_planted_collapse_is_flagged_and_a_healthy_model_is_not(tmp_path, tiny_b
                             has_text=enc.has_text, has_image=enc.has_image)
     raised = [(scope, m) for scope, m, v in rows if m.startswith("flag_") and v]
     assert raised == [] and any(m == "flag_image_collapse" for _, m, _ in rows)
+
+
+def test_drift_reference_of_a_k_fold_bundle_comes_from_its_final_models(tiny_bundle):
+    """With 2 folds the final models are retrained on everything and rely on the modalities
+    otherwise than the fold models: the reference's T-SHAP comes from the final models' MM-SHAP of
+    training products, so held-out products of the same catalogue, classified at the bundle's
+    policy and grouped by the default stacker's prediction, raise no drift flag."""
+    from pipeline.backend import InProcessBackend
+    from pipeline.bundle import load_bundle
+    from pipeline.inference import infer, stack_inputs
+    from pipeline.mmshap import mmshap_config
+    from pipeline.split import split_selector
+    from pipeline.stackers import load_stackers
+
+    feed, path = tiny_bundle
+    bundle = load_bundle(path)
+    reference = bundle.manifest["extra"]["collapse_reference"]
+    assert "T-SHAP: the final models on" in reference["source"]
+    test = split_selector(bundle.manifest, "test")
+    products = [p for p in _products(feed) if test(p)]
+    x = stack_inputs(infer(InProcessBackend(bundle), products, mmshap_config(bundle.manifest), seed_key="drift"))
+    name = bundle.manifest["extra"]["default_stacker"]
+    labels = np.array(bundle.labels)
+    category = labels[load_stackers(path)[name].predict_proba(x).argmax(1)]
+    preds = {k: labels[x.logits[k].argmax(1)] for k in ("text", "image", "multimodal")}
+    rows = collapse_metrics(x.t_shap, category, preds, reference=reference["stackers"][name],
+                            has_text=x.has_text, has_image=x.has_image)
+    drift = {scope: v for scope, m, v in rows if m == "drift_t_shap"}
+    assert drift and not [scope for scope, m, v in rows if m == "flag_drift" and v], drift

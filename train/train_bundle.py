@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bundle import bundle_id, save_bundle
-from pipeline.collapse import reference_counts
+from pipeline.collapse import T_SHAP_COUNTS, reference_counts
 from pipeline.inference import infer, stack_inputs
 from pipeline.metrics import scores
 from pipeline.mmshap import MMSHAP_ESTIMATOR
@@ -44,17 +44,31 @@ from train.data import TrainConfig, group_of, label_of, load_training_products, 
 RELIANCE = ("t_shap", "t_stderr", "game_text_share")  # the StackInputs fields the out-of-fold cache keeps
 
 
-def collapse_reference(x: StackInputs, y: np.ndarray, labels: list[str], stackers: dict) -> dict:
+def collapse_reference(x: StackInputs, y: np.ndarray, labels: list[str], stackers: dict,
+                       final: StackInputs | None = None) -> dict:
     """Per stacker a run may use, the collapse counts of the out-of-fold outputs grouped by that
-    stacker's predicted category, as a run groups them (pipeline.collapse)."""
+    stacker's predicted category, as a run groups them (pipeline.collapse).
+
+    With K > 1 folds a run's T-SHAP comes from the final models, whose reliance can differ from the
+    fold models' by more than any drift threshold (docs/stacking.md measures it): then `final`, the
+    final models' MM-SHAP of a sample of training products, gives the T-SHAP counts that drift
+    compares with, grouped the same way; the unimodal models' signal stays out-of-fold."""
     names = np.array(labels)
-    preds = {k: names[x.logits[k].argmax(1)] for k in KINDS}
     everyone = {**{n: make_stacker(n) for n in UNFITTED}, **stackers}
-    return {
-        "grouping": "predicted category", "source": "out-of-fold outputs",
-        "stackers": {name: reference_counts(x.t_shap, names[s.predict_proba(x).argmax(1)], preds, names[y],
-                                            x.has_text, x.has_image) for name, s in everyone.items()},
-    }
+
+    def by_stacker(inputs: StackInputs, label) -> dict:
+        preds = {k: names[inputs.logits[k].argmax(1)] for k in KINDS}
+        return {name: reference_counts(inputs.t_shap, names[s.predict_proba(inputs).argmax(1)], preds, label,
+                                       inputs.has_text, inputs.has_image) for name, s in everyone.items()}
+
+    reference = by_stacker(x, names[y])
+    if final is not None:
+        for name, scopes in by_stacker(final, None).items():
+            for scope, c in reference[name].items():  # a scope the sample lacks gets no T-SHAP reference
+                c.update({k: scopes[scope][k] if scope in scopes else 0 for k in T_SHAP_COUNTS})
+    source = "out-of-fold outputs" + (f"; T-SHAP: the final models on {len(final.t_shap)} training products"
+                                      if final is not None else "")
+    return {"grouping": "predicted category", "source": source, "stackers": reference}
 
 
 def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=print) -> dict:
@@ -163,21 +177,27 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
     stackers = fit_stackers(x, y[rows], cfg.stackers, seed=cfg.seed, paper_epochs=cfg.paper_epochs)
     present = sorted(set(y[rows].tolist()))
     oof_scores = {k: scores(y[rows], oof[k][rows].argmax(1), present) for k in kinds}
-    reference = collapse_reference(x, y[rows], labels, stackers)
-    explainer = None
-    if cfg.explainer and not cfg.mmshap.off:
+    # the final models' MM-SHAP of training products: the explainer's targets, and with K > 1 folds the
+    # T-SHAP the drift reference compares a run with
+    final_sample, explainer = None, None
+    if not cfg.mmshap.off and (cfg.explainer or cfg.folds > 1):
         t0 = time.perf_counter()
         backend = fold_backend(final_models, tokenizer, preset, labels, cfg.device)
-        target_rows, res = explainer_targets(work, backend, products, rows, x, cfg)
-        if np.isfinite(res.t_shap).sum() < MIN_TARGETS:
-            log(f"  MM-SHAP explainer not fitted: {int(np.isfinite(res.t_shap).sum())} products with a sampled "
-                f"T-SHAP, {MIN_TARGETS} needed (amortized MM-SHAP unavailable for this bundle)")
+        target_rows, final_sample, policy = explainer_targets(work, backend, products, rows, x, cfg)
+        if use_tfidf and cfg.folds > 1:
+            final_sample.logits[TFIDF] = sparse.logits([texts[i] for i in target_rows])
+    reference = collapse_reference(x, y[rows], labels, stackers, final_sample if cfg.folds > 1 else None)
+    if cfg.explainer and final_sample is not None:
+        if np.isfinite(final_sample.t_shap).sum() < MIN_TARGETS:
+            log(f"  MM-SHAP explainer not fitted: {int(np.isfinite(final_sample.t_shap).sum())} products with a "
+                f"sampled T-SHAP, {MIN_TARGETS} needed (amortized MM-SHAP unavailable for this bundle)")
         else:
             explainer, explainer_meta = fit_bundle_explainer(
-                explainer_inputs(backend, enc[target_rows], res, cfg.mmshap), res, cfg.mmshap, cfg.seed)
+                explainer_inputs(backend, enc[target_rows], final_sample, cfg.mmshap), final_sample, policy, cfg.seed)
             explainer_meta["fit_s"] = round(time.perf_counter() - t0, 1)
-            log(f"  MM-SHAP explainer: cross-validated T-SHAP RMSE {explainer_meta['cv_rmse_vs_sampled']:.3f} "
-                f"against the sampled targets ({explainer_meta['n_train']} products)")
+            log(f"  MM-SHAP explainer: cross-validated T-SHAP RMSE {explainer_meta['cv_rmse_net']:.3f} net of the "
+                f"targets' noise ({explainer_meta['cv_rmse_vs_sampled']:.3f} against the {explainer_meta['n_train']} "
+                f"sampled targets, {policy.describe()})")
 
     metrics = {
         "n_train": int(len(y)), "n_classes": len(labels), "folds": cfg.folds,
