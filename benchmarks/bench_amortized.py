@@ -4,9 +4,11 @@ and what the stacker makes of amortized T-SHAP. Results and commands: docs/amort
 1. Fidelity: on --products held-out products (the bundle's --split test) with both modalities,
    T-SHAP RMSE against a high-budget sampled yardstick (--yardstick coalitions per product) of the
    amortized value and of sampled MM-SHAP at the bundle's policy (default: target stderr 0.03),
-   with 95% paired-bootstrap intervals of each RMSE and of their difference.
+   with 95% paired-bootstrap intervals of each RMSE and of their difference; and each RMSE net of
+   the yardstick's own noise, the audit's policy included.
 2. Throughput: embedded `classify --split test` end to end on fresh SQLite files, one process, in
-   the order none, amortized (default 5% audit), sampled (the bundle's policy), then none again:
+   the order none, amortized without audit, amortized (default 5% audit), sampled (the bundle's
+   policy), then none again:
    products/s and time relative to classify without MM-SHAP.
 3. The stacker: macro-F1 of the default stacker's predictions of the amortized run against those
    of the sampled run, paired bootstrap over the labelled products.
@@ -47,6 +49,7 @@ def fidelity(bundle_path: str, feed: str, n: int, yardstick: int) -> dict:
     from pipeline.bundle import load_bundle
     from pipeline.feed import read_feed
     from pipeline.inference import infer
+    from pipeline.metrics import rmse_net_of_noise
     from pipeline.mmshap import mmshap_config
     from pipeline.records import Product
     from pipeline.split import split_selector
@@ -57,12 +60,13 @@ def fidelity(bundle_path: str, feed: str, n: int, yardstick: int) -> dict:
     products = [p for p in read_feed(feed) if isinstance(p, Product) and test(p) and p.has_text and p.has_image][:n]
     sampled = mmshap_config(bundle.manifest, method="sampled")
     key = bundle.bundle_id
-    out, t = {}, {}
+    out, t, se = {}, {}, {}
     for name, config in (("amortized", replace(sampled, method="amortized", audit_fraction=0.0)),
-                         ("sampled", sampled), ("yardstick", replace(sampled, budget=yardstick))):
+                         ("sampled", sampled), ("audit policy", sampled.audit()),
+                         ("yardstick", replace(sampled, budget=yardstick))):
         started = time.perf_counter()
         c = infer(backend, products, config, seed_key=key if name != "yardstick" else key + "-yardstick").contributions
-        t[name] = c.t_shap
+        t[name], se[name] = c.t_shap, c.stderr
         out[f"{name}_s_per_product"] = (time.perf_counter() - started) / len(products)
         out[f"{name}_evaluations"] = float(np.mean(c.n_evaluations))
         if name != "amortized":
@@ -70,6 +74,8 @@ def fidelity(bundle_path: str, feed: str, n: int, yardstick: int) -> dict:
     ok = np.isfinite(t["amortized"]) & np.isfinite(t["sampled"]) & np.isfinite(t["yardstick"])
     out["n"] = int(ok.sum())
     out["rmse"] = bootstrap_rmse({k: t[k][ok] - t["yardstick"][ok] for k in ("amortized", "sampled")})
+    out["rmse_net_of_yardstick_noise"] = {k: rmse_net_of_noise(t[k][ok] - t["yardstick"][ok], se["yardstick"][ok])
+                                          for k in ("amortized", "sampled", "audit policy")}
     kinds_file = Path(feed).parent / "classes.json"
     if kinds_file.exists():
         kinds = json.loads(kinds_file.read_text())
@@ -79,7 +85,7 @@ def fidelity(bundle_path: str, feed: str, n: int, yardstick: int) -> dict:
     return out
 
 
-def classify(bundle: str, feed: str, method: str | None, budget: int | None) -> dict:
+def classify(bundle: str, feed: str, method: str | None, budget: int | None, audit: float | None = None) -> dict:
     from db.engine import connect
     from db.models import Run
     from db.results import audit_error, output_rows
@@ -88,7 +94,7 @@ def classify(bundle: str, feed: str, method: str | None, budget: int | None) -> 
 
     db = Path(tempfile.mkdtemp()) / "bench.db"
     settings = load_settings(env={}, database_url=f"sqlite:///{db}", bundle=bundle, mmshap_budget=budget,
-                             mmshap_method=method, device="cpu")
+                             mmshap_method=method, mmshap_audit_fraction=audit, device="cpu")
     started = time.perf_counter()
     run_id, _ = classify_feed(connect(settings.database_url), settings, feed, split="test")
     wall = time.perf_counter() - started
@@ -129,15 +135,17 @@ def main() -> None:
         f = fidelity(args.bundle, args.feed, args.products, args.yardstick)
         print(json.dumps(f, indent=1))
     runs = {}
-    for name, method, budget in (("none", None, 0), ("amortized", "amortized", None), ("sampled", "sampled", None),
-                                 ("none again", None, 0)):
-        runs[name] = classify(args.bundle, args.feed, method, budget)
+    for name, method, budget, audit in (("none", None, 0, None), ("amortized, no audit", "amortized", None, 0.0),
+                                        ("amortized", "amortized", None, None), ("sampled", "sampled", None, None),
+                                        ("none again", None, 0, None)):
+        runs[name] = classify(args.bundle, args.feed, method, budget, audit)
     base = min(runs["none"]["wall_s"], runs["none again"]["wall_s"])
-    print(f"{'MM-SHAP':<12} {'products':>8} {'wall s':>8} {'prod/s':>8} {'x none':>7}  audit")
+    print(f"{'MM-SHAP':<20} {'products':>8} {'wall s':>8} {'prod/s':>8} {'x none':>7}  audit")
     for name, r in runs.items():
         audit = r["audit"]
-        note = (f"RMSE {audit['rmse']:.3f} on {audit['n']} audited" if audit else "")
-        print(f"{name:<12} {r['products']:>8} {r['wall_s']:>8.1f} {r['products'] / r['wall_s']:>8.2f} "
+        note = (f"RMSE {audit['rmse_net']:.3f} net of noise ({audit['rmse']:.3f} raw) on {audit['n']} audited, "
+                f"{audit['mean_audit_stderr']:.3f} mean stderr" if audit else "")
+        print(f"{name:<20} {r['products']:>8} {r['wall_s']:>8.1f} {r['products'] / r['wall_s']:>8.2f} "
               f"{r['wall_s'] / base:>7.2f}  {note}")
     effect = stacker_effect(runs["amortized"]["pred"], runs["sampled"]["pred"], manifest["labels"])
     print("stacker, amortized vs sampled inputs:", json.dumps(effect))
