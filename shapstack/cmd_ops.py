@@ -80,7 +80,8 @@ def submit(settings: Settings, *, feed: str | None = None, run: int | None = Non
     split_selector(manifest, split)  # a split the bundle does not have is said here, not on a worker
     options = {"split": split, "mmshap_budget": settings.mmshap_budget, "mmshap_mode": settings.mmshap_image_mode,
                "mmshap_target_stderr": settings.mmshap_target_stderr, "mmshap_cap": settings.mmshap_cap,
-               "mmshap_players": settings.mmshap_players}
+               "mmshap_players": settings.mmshap_players, "mmshap_method": settings.mmshap_method,
+               "mmshap_audit_fraction": settings.mmshap_audit_fraction}
     options = {k: v for k, v in options.items() if v is not None}
     factory = session_factory(settings)
     with factory() as s, s.begin():

@@ -406,7 +406,8 @@ def test_user_errors_are_one_line(tmp_path, bundle):
 
 def test_classify_options_reach_the_workers(cluster, bundle, tmp_path):
     """The same options as the embedded mode: --split, --mmshap-budget, --mmshap-mode and --out on a
-    feed; an embedded `ingest` then `classify --run RUN --distributed`; workers given --bundle."""
+    feed; an embedded `ingest` then `classify --run RUN --distributed --mmshap-method amortized`;
+    workers given --bundle."""
     from pipeline.feed import read_feed
     from pipeline.manifest import read_manifest
     from pipeline.split import split_selector
@@ -433,12 +434,18 @@ def test_classify_options_reach_the_workers(cluster, bundle, tmp_path):
     r = cluster.shapstack("ingest", str(feed), "--json")
     ingested = json.loads(r.stdout)
     assert ingested["products"] == 80
-    r = cluster.shapstack("classify", "--run", str(ingested["run"]), "--distributed", "--wait", "--json")
+    r = cluster.shapstack("classify", "--run", str(ingested["run"]), "--distributed", "--wait", "--json",
+                          "--mmshap-method", "amortized", "--mmshap-audit", "0.5")
     assert r.returncode == 0, r.stderr + cluster.logs()
     assert json.loads(r.stdout)["predicted"] == 80
     cluster.assert_exactly_once(ingested["run"], 80)
     status = cluster.progress(ingested["run"])
-    assert status["mode"] == "distributed" and status["options"] == {"split": "all"}
+    assert status["mode"] == "distributed"
+    assert status["options"] == {"split": "all", "mmshap_method": "amortized", "mmshap_audit_fraction": 0.5}
+    [(methods, n, audited)] = cluster.query(
+        "SELECT string_agg(DISTINCT method, ','), count(t_shap), count(audit_t_shap) "
+        "FROM modality_contributions WHERE run_id = :r", r=ingested["run"])
+    assert methods == "amortized" and 0 < audited < n
 
 
 @pytest.fixture
