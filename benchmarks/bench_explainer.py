@@ -8,9 +8,10 @@ fitted on each target set with three input sets: the standard features (pipeline
 the three models' full log-probabilities, plus the multimodal model's pooled hidden state (read
 with a forward hook; the explainer as shipped does not use it). Each row: held-out T-SHAP RMSE
 against the yardstick, net of the yardstick's own noise, and the 5-fold CV RMSE against the targets.
+--curve N,N,...: a learning curve, the standard explainer fitted on the first N audit-policy targets.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_explainer.py --bundle BUNDLE --feed FEED \
-        [--products 60] [--yardstick 6000] [--precise 150]
+        [--products 60] [--yardstick 6000] [--precise 150] [--curve 100,200,400]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=60)
     ap.add_argument("--yardstick", type=int, default=6000)
     ap.add_argument("--precise", type=int, default=150)
+    ap.add_argument("--curve", default="", help="comma-separated numbers of targets for a learning curve")
     args = ap.parse_args()
 
     bundle = load_bundle(args.bundle, device="cpu")
@@ -84,6 +86,13 @@ def main() -> None:
 
     print(f"yardstick: T-SHAP sd {np.nanstd(y):.3f} across products; constant (training mean) "
           f"RMSE {net_rmse(np.full(len(y), np.nanmean(cheap.t_shap))):.3f}")
+    if args.curve:
+        x_test, x_train = inputs(held_out, yard.logits, ()), inputs(training, cheap.logits, ())
+        print("| targets (audit policy, first N training products) | N with a value | held-out RMSE (net) |")
+        for n in (int(v) for v in args.curve.split(",")):
+            t = cheap.t_shap[:n]
+            explainer = fit_explainer(x_train[:n], t, cheap.t_stderr[:n], cheap.game_text_share[:n])
+            print(f"| {n} | {int(np.isfinite(t).sum())} | {net_rmse(explainer.predict(x_test)[0]):.3f} |", flush=True)
     print("| inputs | targets | n targets | held-out RMSE (net) | CV RMSE vs targets |")
     for extra in ((), ("log-probs",), ("hidden",), ("log-probs", "hidden")):
         x_test = inputs(held_out, yard.logits, extra)
