@@ -70,7 +70,8 @@ def submit(settings: Settings, *, feed: str | None = None, run: int | None = Non
     options here (its id is known at once), then the workers get its ingest (a feed) or its
     pending products (an ingested run); with wait, follow it to the end and return the summary
     the embedded mode prints."""
-    from pipeline.stackers import stacker_names  # torch: only for the command that needs it
+    from jobs.models import mmshap_run_options  # torch: only for the command that needs it
+    from pipeline.stackers import stacker_names
 
     _sender(settings)
     bundle = str(Path(require_bundle(settings.bundle)).resolve())
@@ -78,11 +79,7 @@ def submit(settings: Settings, *, feed: str | None = None, run: int | None = Non
     if settings.stacker not in stacker_names(bundle):
         raise UserError(f"bundle {bundle} has no stacker {settings.stacker!r}")
     split_selector(manifest, split)  # a split the bundle does not have is said here, not on a worker
-    options = {"split": split, "mmshap_budget": settings.mmshap_budget, "mmshap_mode": settings.mmshap_image_mode,
-               "mmshap_target_stderr": settings.mmshap_target_stderr, "mmshap_cap": settings.mmshap_cap,
-               "mmshap_players": settings.mmshap_players, "mmshap_method": settings.mmshap_method,
-               "mmshap_audit_fraction": settings.mmshap_audit_fraction}
-    options = {k: v for k, v in options.items() if v is not None}
+    options = {"split": split, **mmshap_run_options(settings)}
     factory = session_factory(settings)
     with factory() as s, s.begin():
         version = register_model(s, bundle_id(manifest), manifest, bundle)
