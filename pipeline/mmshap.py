@@ -5,8 +5,8 @@ of one word are one player, `players="word"`), and its image players:
 - token mode: the N image embeddings MMBT receives; the CLIP tower runs once per product and
   only the fusion transformer runs per coalition;
 - pixel mode: a p x p grid of patches of the CLIP input, p = ceil(sqrt(#text tokens)) as in the
-  reference implementation, set to 0 (the normalised mean colour) when absent; every coalition
-  runs the whole model.
+  reference implementation, set to 0 (the normalised mean colour) when absent; the image encoder
+  runs once per distinct image coalition and the fusion transformer once per coalition.
 An absent text player is masked out of attention (the reference replaces it by a pad id instead);
 an absent image embedding is masked out of attention the same way.
 
@@ -204,26 +204,52 @@ def _patch_masks(image_players: np.ndarray, size: int) -> np.ndarray:
 
 def coalition_values(backend, enc: Encoded, i: int, pl: Players, masks: np.ndarray, mode: str, predicted: int,
                      embeds: np.ndarray | None = None) -> np.ndarray:
-    """Log-probability of class `predicted` for each coalition (m, n players) of product i, float32 model."""
+    """Log-probability of class `predicted` for each coalition (m, n players) of product i, float32 model.
+
+    Both modes run MMBT as its two halves. Token mode: the product's image tokens `embeds`, with
+    absent ones masked out of attention. Pixel mode: the image encoder runs once per distinct image
+    coalition, not once per coalition: a permutation walk changes the image only at its image
+    players' steps, so its n + 1 coalitions hold n_image + 1 image masks, and the encoder is most of
+    MMBT's cost (docs/mmshap.md, "Cost"). The values are those of the whole model on the masked
+    pixels, as the reference computes them.
+    """
     masks = np.asarray(masks, bool)
+    image = masks[:, pl.n_text :]
+    if mode == "token":
+        image_rows = np.zeros(len(masks), int)
+    else:
+        embeds, image_rows = _masked_image_embeddings(backend, enc.clip_pixels[i], image)
     out = []
     for start in range(0, len(masks), ROWS_PER_CALL):
-        m = masks[start : start + ROWS_PER_CALL]
+        chunk = slice(start, start + ROWS_PER_CALL)
+        m = masks[chunk]
         rows = np.full(len(m), i)
-        ids = enc.input_ids[rows]
         tmask = enc.text_mask[rows].copy()
         tmask[:, pl.text_pos] = m[:, : pl.n_text][:, pl.word]
         imask = enc.image_mask(backend.num_image_embeds)[rows]
-        image = m[:, pl.n_text :]
+        if mode == "token":
+            imask[:, : image.shape[1]] = image[chunk]
         with backend.float32():
-            if mode == "token":
-                imask[:, : image.shape[1]] = image
-                logits = backend.fusion_logits(ids, tmask, embeds[[0] * len(m)], imask)
-            else:
-                keep = _patch_masks(image, enc.clip_pixels.shape[-1]) if image.shape[1] else 1.0
-                logits = backend.multimodal_logits(ids, tmask, enc.clip_pixels[rows] * keep, imask)
+            logits = backend.fusion_logits(enc.input_ids[rows], tmask, embeds[image_rows[chunk]], imask)
         out.append(log_softmax(logits.astype(np.float64))[:, predicted])
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def _masked_image_embeddings(backend, pixels: np.ndarray, image_players: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(image tokens of each distinct image coalition, its row per coalition), float32 encoder.
+
+    pixels (3, S, S) of one product; image_players (m, p*p) its coalitions' patch masks."""
+    if image_players.shape[1] == 0:  # no image players: the image as it is
+        distinct, row = np.zeros((1, 0), bool), np.zeros(len(image_players), int)
+    else:
+        distinct, row = np.unique(image_players, axis=0, return_inverse=True)
+    out = []
+    with backend.float32():
+        for start in range(0, len(distinct), ROWS_PER_CALL):
+            d = distinct[start : start + ROWS_PER_CALL]
+            keep = _patch_masks(d, pixels.shape[-1]) if d.shape[1] else np.ones((1, 1, 1, 1), np.float32)
+            out.append(backend.image_embeddings(pixels[None] * keep))
+    return np.concatenate(out), np.asarray(row).reshape(-1)
 
 
 def product_game(backend, enc: Encoded, i: int, mode: str, predicted: np.ndarray, players: str = "token"):

@@ -133,3 +133,34 @@ def test_word_players_group_word_pieces(untrained):
         assert np.array_equal(w.text_pos, t.text_pos) and (np.diff(w.word) >= 0).all()
     res = explain(backend, enc, MMShapConfig(mode="token", budget=2000, players="word"), seeds_of(products))
     assert (res.n_players == [len(w.is_text) for w in words]).all()
+
+
+def test_pixel_mode_encodes_each_distinct_image_coalition_once(untrained):
+    """Pixel-mode coalition values are the whole model's on the masked pixels, while the image
+    encoder sees each distinct image coalition once (a permutation walk has n_image + 1 of them)."""
+    from pipeline.mmshap import _patch_masks, coalition_values
+
+    backend, products = untrained
+    product = next(p for p in products if p.has_text and p.has_image)
+    enc = backend.encode([product])
+    pl = players_of(backend, enc, 0, "pixel")
+    n = len(pl.is_text)
+    walk = np.arange(n + 1)[:, None] > np.random.default_rng(0).permutation(n)[None, :]  # one permutation's prefixes
+    masks = np.concatenate([walk, walk[::-1]])  # repeated coalitions too
+    encoded = []
+    real = backend.image_embeddings
+    backend.image_embeddings = lambda px: (encoded.append(len(px)), real(px))[1]
+    try:
+        values = coalition_values(backend, enc, 0, pl, masks, "pixel", predicted=1)
+    finally:
+        del backend.image_embeddings
+    assert sum(encoded) == pl.n_image + 1 < len(masks)
+
+    tmask = np.repeat(enc.text_mask, len(masks), 0)
+    tmask[:, pl.text_pos] = masks[:, : pl.n_text]
+    pixels = enc.clip_pixels[[0] * len(masks)] * _patch_masks(masks[:, pl.n_text :], enc.clip_pixels.shape[-1])
+    whole = backend.multimodal_logits(np.repeat(enc.input_ids, len(masks), 0), tmask, pixels,
+                                      np.repeat(enc.image_mask(backend.num_image_embeds), len(masks), 0))
+    z = whole.astype(np.float64)
+    expected = z[:, 1] - np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) - z.max(1)
+    np.testing.assert_allclose(values, expected, atol=1e-5)
