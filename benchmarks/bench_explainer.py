@@ -6,7 +6,8 @@ the audit's policy (stderr 0.1, all of them) and at the bundle's policy (the fir
 them), a yardstick on --products held-out products (--yardstick coalitions each), then explainers
 fitted on each target set with three input sets: the standard features (pipeline.amortized), plus
 the three models' full log-probabilities, plus the multimodal model's pooled hidden state (read
-with a forward hook; the explainer as shipped does not use it). Each row: held-out T-SHAP RMSE
+with a forward hook; the explainer as shipped does not use it), plus the exact modality game
+(game text share, phi_text, phi_image: 3 extra multimodal passes per product). Each row: held-out T-SHAP RMSE
 against the yardstick, net of the yardstick's own noise, and the 5-fold CV RMSE against the targets.
 --curve N,N,...: a learning curve, the standard explainer fitted on the first N audit-policy targets.
 
@@ -41,6 +42,8 @@ def main() -> None:
     ap.add_argument("--products", type=int, default=60)
     ap.add_argument("--yardstick", type=int, default=6000)
     ap.add_argument("--precise", type=int, default=150)
+    ap.add_argument("--inputs", default=",log-probs,hidden,log-probs+hidden,game",
+                    help="input sets beside the standard features: '' (none), log-probs, hidden, game, joined by +")
     ap.add_argument("--curve", default="", help="comma-separated numbers of targets for a learning curve")
     args = ap.parse_args()
 
@@ -55,16 +58,24 @@ def main() -> None:
     pooled = {}
     bundle.models["multimodal"].classifier.register_forward_hook(lambda m, i, o: pooled.__setitem__("x", i[0].numpy()))
 
+    games = {}
+
     def sampled(products, config, key):
         started = time.perf_counter()
-        x = stack_inputs(infer(backend, products, config, seed_key=key))
+        inferred = infer(backend, products, config, seed_key=key)
+        x = stack_inputs(inferred)
+        c = inferred.contributions
+        games[id(x)] = np.stack([c.game_text_share, c.phi_text, c.phi_image], 1)  # exact, whatever the budget
         print(f"  {len(products)} products at {config.describe()}: {(time.perf_counter() - started) / len(products):.3f} "
               f"s/product, mean stderr {np.nanmean(x.t_stderr):.3f}", flush=True)
         return x
 
-    def inputs(products, logits, extra):
+    def inputs(products, run, extra):
+        logits = run.logits
         enc = backend.encode(products)
         x = [features(logits, *player_counts(backend, enc, policy.mode, policy.players))]
+        if "game" in extra:
+            x.append(np.nan_to_num(games[id(run)][: len(products)]))
         if "log-probs" in extra:
             x += [log_softmax(np.asarray(logits[k], float)) for k in ("text", "image", "multimodal")]
         if "hidden" in extra:
@@ -87,16 +98,16 @@ def main() -> None:
     print(f"yardstick: T-SHAP sd {np.nanstd(y):.3f} across products; constant (training mean) "
           f"RMSE {net_rmse(np.full(len(y), np.nanmean(cheap.t_shap))):.3f}")
     if args.curve:
-        x_test, x_train = inputs(held_out, yard.logits, ()), inputs(training, cheap.logits, ())
+        x_test, x_train = inputs(held_out, yard, ()), inputs(training, cheap, ())
         print("| targets (audit policy, first N training products) | N with a value | held-out RMSE (net) |")
         for n in (int(v) for v in args.curve.split(",")):
             t = cheap.t_shap[:n]
             explainer = fit_explainer(x_train[:n], t, cheap.t_stderr[:n], cheap.game_text_share[:n])
             print(f"| {n} | {int(np.isfinite(t).sum())} | {net_rmse(explainer.predict(x_test)[0]):.3f} |", flush=True)
     print("| inputs | targets | n targets | held-out RMSE (net) | CV RMSE vs targets |")
-    for extra in ((), ("log-probs",), ("hidden",), ("log-probs", "hidden")):
-        x_test = inputs(held_out, yard.logits, extra)
-        x_train = inputs(training, cheap.logits, extra)
+    for extra in [tuple(e.split("+")) if e else () for e in args.inputs.split(",")]:
+        x_test = inputs(held_out, yard, extra)
+        x_train = inputs(training, cheap, extra)
         for name, t, rows in (("audit policy", cheap, slice(None)), ("bundle policy", precise, slice(0, args.precise))):
             x = x_train[rows]
             explainer = fit_explainer(x, t.t_shap, t.t_stderr, t.game_text_share)
