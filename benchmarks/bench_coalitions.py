@@ -1,12 +1,14 @@
-"""Wall time per MM-SHAP coalition in pixel mode, per preset: the whole model per coalition (as the
-reference runs it, here batched) against the image encoder once per distinct image coalition.
+"""Wall time per MM-SHAP coalition, per preset and image mode: MMBT run as it was (pixel mode: the
+whole model per coalition, as the reference runs it, here batched; every token position computed)
+against how pipeline/mmshap.py runs it now (pixel mode: the image encoder once per distinct image
+coalition; both modes: the fusion transformer over the present tokens only, MMBT.compact).
 
 Models of each preset's shape with random weights (a coalition costs the same whatever the
 weights), one synthetic product with a text of the preset's full length (p x p = #text tokens
 patches), the coalitions of antithetic permutation pairs as estimate_mm_shap draws them. Both paths
-give the same values (checked here to 1e-4 and in tests/test_mmshap.py).
+give the same values (checked here to 1e-4, and in tests/test_mmshap.py and tests/test_models.py).
 
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_coalitions.py [--presets tiny,small,pretrained] [--pairs 4]
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_coalitions.py [--presets tiny,small,pretrained] [--pairs 2]
 """
 
 from __future__ import annotations
@@ -43,36 +45,50 @@ def whole_model(backend, enc, pl, masks):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--presets", default="tiny,small,pretrained")
-    ap.add_argument("--pairs", type=int, default=4, help="antithetic pairs of coalitions to time")
+    ap.add_argument("--pairs", type=int, default=6, help="antithetic pairs of coalitions to time (6: the first round of the default policy)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     feed = make_catalogue(tempfile.mkdtemp(), 6, 2, seed=0, image_size=96)
-    print("| preset | players | coalitions | whole model, ms / coalition | encoder once per image coalition, ms / coalition | speed-up |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name in args.presets.split(","):
-        preset = get_preset(name)
+    print("| preset | mode | players | coalitions | before, ms / coalition | shared encoder, ms / coalition "
+          "| + present tokens only, ms / coalition | speed-up |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for preset_name in args.presets.split(","):
+        preset = get_preset(preset_name)
         words = " ".join(f"word{k}" for k in range(preset["max_length"]))
         product = Product(product_id="p", title="", description=words, image=str(feed.parent / "images" / "p000000.jpg"))
         tok = train_tokenizer([words], 200)
         torch.manual_seed(0)
         models = {k: create_model(k, preset, 2, vocab_size=tok.vocab_size).eval() for k in KINDS}
         backend = fold_backend(models, tok, preset, ["a", "b"], "cpu")
-        backend.batch_size = 256
+        backend.batch_size = 64  # InProcessBackend's default
         enc = backend.encode([product])
-        pl = players_of(backend, enc, 0, "pixel")
-        n = len(pl.is_text)
-        perms = _draw_perms(np.random.default_rng(0), args.pairs, n, antithetic=True)
-        masks = _prefixes(perms, np.arange(1, n)).reshape(-1, n)
-        seconds = {}
-        for path in ("whole", "distinct", "whole", "distinct"):  # the second of each is timed
-            t0 = time.perf_counter()
-            v = (whole_model(backend, enc, pl, masks) if path == "whole"
-                 else coalition_values(backend, enc, 0, pl, masks, "pixel", predicted=0))
-            seconds[path] = (time.perf_counter() - t0, v)
-        assert np.allclose(seconds["whole"][1], seconds["distinct"][1], atol=1e-4)
-        w, d = (1000 * seconds[k][0] / len(masks) for k in ("whole", "distinct"))
-        print(f"| {name} | {n} | {len(masks)} | {w:.2f} | {d:.2f} | {w / d:.2f}x |", flush=True)
+        mmbt = backend.models["multimodal"]
+        for mode in ("pixel", "token"):
+            pl = players_of(backend, enc, 0, mode)
+            n = len(pl.is_text)
+            perms = _draw_perms(np.random.default_rng(0), args.pairs, n, antithetic=True)
+            masks = _prefixes(perms, np.arange(1, n)).reshape(-1, n)
+            embeds = backend.image_embeddings(enc) if mode == "token" else None
+
+            def ours():
+                return coalition_values(backend, enc, 0, pl, masks, mode, 0, embeds)
+
+            # before: pixel mode the whole model per coalition, token mode ours; both over every position
+            paths = {"before": (lambda: whole_model(backend, enc, pl, masks)) if mode == "pixel" else ours,
+                     "shared": ours, "now": ours}
+            seconds, values = {}, {}
+            for name in [*paths, *paths]:  # the second round is timed
+                mmbt.compact = name == "now"
+                t0 = time.perf_counter()
+                values[name] = paths[name]()
+                seconds[name] = time.perf_counter() - t0
+            for name in paths:
+                assert np.allclose(values[name], values["now"], atol=1e-4), name
+            ms = {k: 1000 * v / len(masks) for k, v in seconds.items()}
+            shared = f"{ms['shared']:.2f}" if mode == "pixel" else "-"
+            print(f"| {preset_name} | {mode} | {n} | {len(masks)} | {ms['before']:.2f} | {shared} | {ms['now']:.2f} "
+                  f"| {ms['before'] / ms['now']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

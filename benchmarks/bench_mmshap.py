@@ -54,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    backend = InProcessBackend(load_bundle(args.bundle, device="cpu"), device="cpu", batch_size=256)
+    backend = InProcessBackend(load_bundle(args.bundle, device="cpu"), device="cpu")
     products = [p for p in read_feed(args.feed) if isinstance(p, Product) and p.has_text and p.has_image]
     fractions = [float(f) for f in args.fractions.split(",")]
     for mode in args.modes.split(","):

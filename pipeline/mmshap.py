@@ -206,14 +206,18 @@ def coalition_values(backend, enc: Encoded, i: int, pl: Players, masks: np.ndarr
                      embeds: np.ndarray | None = None) -> np.ndarray:
     """Log-probability of class `predicted` for each coalition (m, n players) of product i, float32 model.
 
-    Both modes run MMBT as its two halves. Token mode: the product's image tokens `embeds`, with
-    absent ones masked out of attention. Pixel mode: the image encoder runs once per distinct image
+    Both modes run MMBT as its two halves, the fusion transformer over the present tokens only
+    (MMBT.compact). Token mode: the product's image tokens `embeds`, with absent ones left out. Pixel mode: the image encoder runs once per distinct image
     coalition, not once per coalition: a permutation walk changes the image only at its image
     players' steps, so its n + 1 coalitions hold n_image + 1 image masks, and the encoder is most of
     MMBT's cost (docs/mmshap.md, "Cost"). The values are those of the whole model on the masked
     pixels, as the reference computes them.
     """
-    masks = np.asarray(masks, bool)
+    # by the number of players present, so that each model batch holds coalitions of about one
+    # length: the fusion transformer computes only the present tokens (MMBT.compact), up to the
+    # longest row of its batch
+    order = np.argsort(np.asarray(masks, bool).sum(1), kind="stable")
+    masks = np.asarray(masks, bool)[order]
     image = masks[:, pl.n_text :]
     if mode == "token":
         image_rows = np.zeros(len(masks), int)
@@ -232,7 +236,9 @@ def coalition_values(backend, enc: Encoded, i: int, pl: Players, masks: np.ndarr
         with backend.float32():
             logits = backend.fusion_logits(enc.input_ids[rows], tmask, embeds[image_rows[chunk]], imask)
         out.append(log_softmax(logits.astype(np.float64))[:, predicted])
-    return np.concatenate(out) if out else np.zeros(0)
+    values = np.zeros(len(masks))
+    values[order] = np.concatenate(out) if out else values
+    return values
 
 
 def _masked_image_embeddings(backend, pixels: np.ndarray, image_players: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

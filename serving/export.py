@@ -120,15 +120,22 @@ def read_config_bundle(path: str | Path) -> tuple[Signature, int, str | None]:
 def export_onnx(sig: Signature, models: dict[str, nn.Module], path: Path) -> None:
     """torch.export (dynamo) with one symbolic batch dimension shared by every input and the output."""
     module = _Method(models[sig.kind], sig.method).eval() if sig.method else models[sig.kind]
+    compacting = [m for m in module.modules() if getattr(m, "compact", False)]
+    for m in compacting:  # a data-dependent sequence length (MMBT.compact) has no static graph
+        m.compact = False
     example = tuple(torch.from_numpy(x) for x in random_inputs(sig, 2, 2, np.random.default_rng(0)))
     batch = torch.export.Dim("batch")
     shapes = tuple({0: batch} for _ in sig.inputs)
     size = sum(p.numel() * p.element_size() for p in module.parameters())
     path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
-        torch.onnx.export(module, example, str(path), input_names=[t.name for t in sig.inputs],
-                          output_names=[sig.output.name], dynamic_shapes=(shapes,) if sig.method else shapes,
-                          dynamo=True, external_data=size > EXTERNAL_DATA_BYTES)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its progress
+            torch.onnx.export(module, example, str(path), input_names=[t.name for t in sig.inputs],
+                              output_names=[sig.output.name], dynamic_shapes=(shapes,) if sig.method else shapes,
+                              dynamo=True, external_data=size > EXTERNAL_DATA_BYTES)
+    finally:
+        for m in compacting:
+            m.compact = True
 
 
 def vocab_size(bundle: Bundle, sig: Signature) -> int:

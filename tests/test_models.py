@@ -134,6 +134,34 @@ def test_multimodal_masks_and_fuse(models, enc):
         torch.testing.assert_close(mm(ids, tm, torch.randn_like(px), torch.zeros_like(full)), no_image, atol=1e-5, rtol=0)
 
 
+def test_fuse_over_present_tokens_only_equals_every_position(models, enc):
+    """MMBT.compact leaves absent tokens out of the fusion transformer (each token keeps its
+    position id): the logits and gradients are those of the masked full-length sequence."""
+    from pipeline.models import present_first
+
+    mm = models["multimodal"]
+    rng = np.random.default_rng(0)
+    n_img = get_preset("tiny")["num_image_embeds"]
+    ids, tm = t(enc.input_ids[:6]), t(enc.text_mask[:6]).clone()
+    tm[1:] *= t(rng.random(tm[1:].shape) < 0.5).long()  # row 0 keeps its text, the others about half
+    tm[:, 0] = 1
+    im = t(rng.random((6, n_img)) < 0.5).long()
+    emb = mm.encode_image(t(enc.clip_pixels[:6])).detach()
+    out = {}
+    for compact in (True, False):
+        mm.compact = compact
+        e = emb.clone().requires_grad_(True)
+        z = mm.fuse(ids, tm, e, im)
+        z.sum().backward()
+        out[compact] = z.detach(), e.grad
+    mm.compact = True
+    torch.testing.assert_close(out[True][0], out[False][0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[True][1], out[False][1], atol=1e-5, rtol=0)
+    mask = torch.tensor([[1, 0, 1, 0], [1, 1, 0, 0]])
+    kept, pos = present_first(mask, torch.arange(4).expand(2, -1))
+    assert kept.tolist() == [[1, 1], [1, 1]] and pos.tolist() == [[0, 2], [0, 1]]
+
+
 def _backend(models, tokenizer, manifest, tmp_path):
     return InProcessBackend(Bundle(tmp_path, manifest, tokenizer, models, torch.device("cpu")), device="cpu")
 
