@@ -52,7 +52,7 @@ PLAYERS = ("token", "word")
 METHODS = ("sampled", "amortized")
 EXPLAINER = "mmshap-explainer"  # the bundle artefact of amortized MM-SHAP (pipeline.amortized)
 MMSHAP_ESTIMATOR = 2  # bump when the estimator changes what it returns (training caches key on it)
-ROWS_PER_CALL = 512  # coalitions per model call (pixel mode copies the image per coalition)
+ROWS_PER_CALL = 512  # coalitions (pixel mode: distinct image masks, a copy of the image each) per model call
 
 
 @dataclass(frozen=True)
@@ -207,11 +207,12 @@ def coalition_values(backend, enc: Encoded, i: int, pl: Players, masks: np.ndarr
     """Log-probability of class `predicted` for each coalition (m, n players) of product i, float32 model.
 
     Both modes run MMBT as its two halves, the fusion transformer over the present tokens only
-    (MMBT.compact). Token mode: the product's image tokens `embeds`, with absent ones left out. Pixel mode: the image encoder runs once per distinct image
-    coalition, not once per coalition: a permutation walk changes the image only at its image
-    players' steps, so its n + 1 coalitions hold n_image + 1 image masks, and the encoder is most of
-    MMBT's cost (docs/mmshap.md, "Cost"). The values are those of the whole model on the masked
-    pixels, as the reference computes them.
+    (MMBT.compact). Token mode: the product's image tokens `embeds`, absent ones left out. Pixel
+    mode: the image encoder runs once per distinct image coalition, not once per coalition: a
+    permutation walk changes the image only at its image players' steps, so its n + 1 coalitions
+    hold n_image + 1 image masks, and the encoder is most of MMBT's cost (docs/mmshap.md, "Cost per
+    coalition"). The values are those of the whole model on the masked pixels, as the reference
+    computes them.
     """
     # by the number of players present, so that each model batch holds coalitions of about one
     # length: the fusion transformer computes only the present tokens (MMBT.compact), up to the
