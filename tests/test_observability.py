@@ -93,9 +93,25 @@ def redis_db2():
 @pytest.mark.postgres
 @pytest.mark.redis
 @pytest.mark.slow
+def drifted(bundle: Path, out: Path) -> Path:
+    """A copy of the bundle whose drift reference says every training product had T-SHAP 0.5 (with
+    a tiny spread): any run of its nearly untrained models (T-SHAP near 1) raises the drift flag,
+    whatever their weights came out as."""
+    import shutil
+
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    for scopes in manifest["extra"]["collapse_reference"]["stackers"].values():
+        n = scopes["all"]["n_reliance"]
+        scopes["all"].update(sum_t=0.5 * n, sumsq_t=0.25 * n + 1e-4)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
 def test_worker_serves_metrics_that_move_logs_json_and_alerts(tmp_path, pg_url, redis_db2, bundle):
     from pipeline.synthetic import make_catalogue
 
+    bundle = drifted(bundle, tmp_path / "bundle")
     feed = make_catalogue(tmp_path / "feed", 40, 6, seed=3, image_size=32)
     with open(feed, "a") as fh:  # two rejects: a duplicate id, a row with nothing usable
         rows = list(csv.reader(open(feed)))
@@ -104,7 +120,7 @@ def test_worker_serves_metrics_that_move_logs_json_and_alerts(tmp_path, pg_url, 
     port = free_port()
     env = base_env(SHAPSTACK_DATABASE_URL=with_password(pg_url), SHAPSTACK_BROKER_URL=redis_db2,
                    SHAPSTACK_BUNDLE=str(bundle), SHAPSTACK_LOG_FORMAT="json", SHAPSTACK_INFER_BATCH_SIZE="16",
-                   SHAPSTACK_DRIFT="0", SHAPSTACK_MIN_PRODUCTS="1000",  # a drift flag on every run, scope all only
+                   SHAPSTACK_MIN_PRODUCTS="1000",  # flags of scope all only: the drift flag (drifted above)
                    SHAPSTACK_ALERT_WEBHOOK_URL=hook.url, SHAPSTACK_ALERT_WEBHOOK_PRIVATE="1")
     log_path = tmp_path / "worker.log"
     with open(log_path, "w") as log:
