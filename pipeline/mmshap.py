@@ -214,31 +214,26 @@ def coalition_values(backend, enc: Encoded, i: int, pl: Players, masks: np.ndarr
     coalition"). The values are those of the whole model on the masked pixels, as the reference
     computes them.
     """
-    # by the number of players present, so that each model batch holds coalitions of about one
-    # length: the fusion transformer computes only the present tokens (MMBT.compact), up to the
-    # longest row of its batch
-    order = np.argsort(np.asarray(masks, bool).sum(1), kind="stable")
-    masks = np.asarray(masks, bool)[order]
+    masks = np.asarray(masks, bool)
+    rows = np.full(len(masks), i)
+    tmask = enc.text_mask[rows].copy()
+    tmask[:, pl.text_pos] = masks[:, : pl.n_text][:, pl.word]
+    imask = enc.image_mask(backend.num_image_embeds)[rows]
     image = masks[:, pl.n_text :]
     if mode == "token":
+        imask[:, : image.shape[1]] = image
         image_rows = np.zeros(len(masks), int)
     else:
         embeds, image_rows = _masked_image_embeddings(backend, enc.clip_pixels[i], image)
-    out = []
-    for start in range(0, len(masks), ROWS_PER_CALL):
-        chunk = slice(start, start + ROWS_PER_CALL)
-        m = masks[chunk]
-        rows = np.full(len(m), i)
-        tmask = enc.text_mask[rows].copy()
-        tmask[:, pl.text_pos] = m[:, : pl.n_text][:, pl.word]
-        imask = enc.image_mask(backend.num_image_embeds)[rows]
-        if mode == "token":
-            imask[:, : image.shape[1]] = image[chunk]
-        with backend.float32():
-            logits = backend.fusion_logits(enc.input_ids[rows], tmask, embeds[image_rows[chunk]], imask)
-        out.append(log_softmax(logits.astype(np.float64))[:, predicted])
+    # sent in order of sequence length, so that each model batch holds coalitions of about one
+    # length: the fusion transformer computes the present tokens up to the longest row of its batch
+    order = np.argsort(tmask.sum(1) + imask.sum(1), kind="stable")
     values = np.zeros(len(masks))
-    values[order] = np.concatenate(out) if out else values
+    for start in range(0, len(masks), ROWS_PER_CALL):
+        r = order[start : start + ROWS_PER_CALL]
+        with backend.float32():
+            logits = backend.fusion_logits(enc.input_ids[rows[r]], tmask[r], embeds[image_rows[r]], imask[r])
+        values[r] = log_softmax(logits.astype(np.float64))[:, predicted]
     return values
 
 

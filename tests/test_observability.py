@@ -90,9 +90,6 @@ def redis_db2():
     client.flushdb()
 
 
-@pytest.mark.postgres
-@pytest.mark.redis
-@pytest.mark.slow
 def drifted(bundle: Path, out: Path) -> Path:
     """A copy of the bundle whose drift reference says every training product had T-SHAP 0.5 (with
     a tiny spread): any run of its nearly untrained models (T-SHAP near 1) raises the drift flag,
@@ -108,6 +105,9 @@ def drifted(bundle: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.postgres
+@pytest.mark.redis
+@pytest.mark.slow
 def test_worker_serves_metrics_that_move_logs_json_and_alerts(tmp_path, pg_url, redis_db2, bundle):
     from pipeline.synthetic import make_catalogue
 
