@@ -90,10 +90,16 @@ class BertClassifier(BertForSequenceClassification):
     pooling = "pooler"
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if self.pooling == "pooler":
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask).logits
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.classifier(self.dropout(mean_pool(hidden, attention_mask)))
+        return self.forward_head(self.pool(input_ids, attention_mask))
+
+    def pool(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder's pooled text vector (B, hidden): what the head reads, and what a frozen
+        encoder's cached features are (train.base_models.frozen_features)."""
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+        return out.pooler_output if self.pooling == "pooler" else mean_pool(out.last_hidden_state, attention_mask)
+
+    def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(pooled))
 
 
 def _bert_config(p: dict, vocab_size: int | None, checkpoint: str | None) -> BertConfig:

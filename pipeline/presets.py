@@ -21,6 +21,8 @@ Keys:
                   sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained with)
   freeze_image    true: the image CNN and MMBT's image encoder keep their pretrained weights and
                   their features are computed once (what makes the pretrained preset fit a CPU)
+  freeze_text     true: the text model's BERT keeps its pretrained weights, its pooled vectors are
+                  computed once and only its head trains (MMBT's transformer still fine-tunes)
   fit             "crop" (resize the short side, centre crop: CLIP's and torchvision's recipe) or
                   "pad" (resize the long side, pad to a square with white: keeps the whole
                   product of a portrait packshot in view)

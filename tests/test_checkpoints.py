@@ -206,3 +206,42 @@ def test_cli_trains_from_checkpoints_and_the_bundle_needs_them_no_more(tmp_path)
 
     result = CliRunner().invoke(cli, [*args[:-4], "--text-checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_frozen_text_encoder_trains_its_head_only_on_cached_features(tmp_path):
+    """"freeze_text": the head trains on the pooled vectors computed once (frozen_features), the
+    BERT keeps the checkpoint's weights, and the trained model run on token ids gives the logits of
+    its head on the cached features: what was trained on is what inference computes."""
+    from pipeline.feed import read_feed
+    from pipeline.preprocess import encode_products
+    from pipeline.synthetic import make_catalogue
+    from train.base_models import fit, frozen_features
+
+    folder = save_bert(tmp_path / "bert")
+    preset = {**get_preset("tiny"), "freeze_text": True, "text_pooling": "mean"}
+    products = list(read_feed(make_catalogue(tmp_path / "c", 40, 2, seed=1, image_size=32)))
+    enc = encode_products(products, checkpoint_tokenizer(folder, preset["max_length"]), preset)
+    feats = frozen_features(preset, {"text": folder, "multimodal": {"text": folder}}, enc, device="cpu")
+    assert set(feats) == {"text"} and feats["text"].shape == (40, 24)
+    y = torch.tensor([hash(p.label) % 2 for p in products]).numpy()
+    start = create_model("text", preset, 2, checkpoint=folder)
+    model, stats = fit("text", preset, enc, y, 2, vocab_size=len(SPECIAL + WORDS), checkpoint=folder,
+                       device="cpu", epochs=3, features=feats["text"])
+    assert stats["frozen_encoder"]
+    assert all(torch.equal(a, b) for a, b in zip(model.bert.state_dict().values(), start.bert.state_dict().values()))
+    assert not torch.equal(model.classifier.weight, start.classifier.weight)
+    with torch.inference_mode():
+        via_ids = model(torch.from_numpy(enc.input_ids), torch.from_numpy(enc.text_mask))
+        via_features = model.forward_head(torch.from_numpy(feats["text"]))
+    torch.testing.assert_close(via_ids, via_features, rtol=1e-4, atol=1e-5)
+
+
+def test_freezing_an_encoder_without_its_checkpoint_is_refused(tmp_path):
+    from pipeline.synthetic import make_catalogue
+    from train.data import TrainConfig
+    from train.train_bundle import train_bundle
+
+    feed = make_catalogue(tmp_path / "c", 24, 2, seed=1, image_size=32)
+    preset = {**get_preset("tiny"), "freeze_text": True}
+    with pytest.raises(UserError, match="freeze_text but no text checkpoint"):
+        train_bundle(feed, tmp_path / "b", TrainConfig(preset=preset, folds=1, min_class_size=3, mmshap_budget=0))

@@ -34,7 +34,7 @@ from pipeline.records import KINDS, Limits
 from pipeline.tfidf import KIND as TFIDF, TfidfModel
 from pipeline.stackers import UNFITTED, StackInputs, fit_stackers, make_stacker, save_oof, save_stackers
 from pipeline.tokenizer import Tokenizer, checkpoint_tokenizer, train_tokenizer
-from train.base_models import fit, frozen_image_features
+from train.base_models import fit, frozen_features
 from train.checkpoints import WorkDir, cache_key
 from train.crossfit import fold_backend, fold_indices
 from train.explainer import MIN_TARGETS, explainer_inputs, explainer_targets, fit_bundle_explainer, save_explainer
@@ -103,12 +103,14 @@ def train_bundle(feed, out, cfg: TrainConfig, limits: Limits = Limits(), log=pri
     work = WorkDir(out, key, cache_key(sampled, MMSHAP_ESTIMATOR))
     ckpt = model_checkpoints(preset, paths)
     features = {}
-    if preset.get("freeze_image"):
-        if "image" not in paths:
-            raise UserError("preset has freeze_image but no image checkpoint: a frozen random CNN learns nothing")
+    frozen = [slot for slot in ("text", "image") if preset.get(f"freeze_{slot}")]
+    for slot in frozen:
+        if slot not in paths:
+            raise UserError(f"preset has freeze_{slot} but no {slot} checkpoint: a frozen random encoder learns nothing")
+    if frozen:
         t0 = time.perf_counter()
-        features = work.arrays("frozen-image-features", lambda: frozen_image_features(preset, ckpt, enc, cfg.device))
-        log(f"  frozen image features of {len(y)} products: {time.perf_counter() - t0:.0f} s")
+        features = work.arrays("frozen-features", lambda: frozen_features(preset, ckpt, enc, cfg.device))
+        log(f"  frozen {' and '.join(frozen)} features of {len(y)} products: {time.perf_counter() - t0:.0f} s")
 
     def train_models(rows: np.ndarray, tag: str) -> tuple[dict, dict]:
         models, stats = {}, {}
