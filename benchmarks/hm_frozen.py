@@ -3,16 +3,20 @@
 With "freeze_text" and "freeze_image" the text and image models are heads on MiniLM's and
 EfficientNet-Lite0's features, computed once; with TF-IDF as the fourth base model, all three are
 cheap enough to cross-fit five times on a 2-core CPU, where fine-tuning MMBT five times is not
-(docs/models.md, "What trains where"). This measures that stack: the same split and classes as
-`shapstack train --test-fraction 0.2` (a hash of group_id; classes with >= 20 training products),
-the product's own code (frozen_features, fit, TfidfModel, fit_stackers), out-of-fold outputs by
-StratifiedGroupKFold, the final models on every training product, and every model's macro-F1 on
-the test side with its paired-bootstrap interval against the TF-IDF + LR baseline. MMBT is left
-out (see the full `shapstack train` table in docs/models.md for the four-model stack).
+(docs/models.md, "What trains where"). This measures that stack with
+the product's own code (frozen_features, fit, TfidfModel, fit_stackers): the classes with >= 20
+products on the training side of `shapstack train --test-fraction 0.2` (a hash of group_id), the
+stackers fitted on 5-fold out-of-fold outputs (StratifiedGroupKFold), the base models refitted on
+all their training products, and every model's macro-F1 with its paired-bootstrap interval against
+the TF-IDF + LR baseline. MMBT is left out (docs/models.md has the four-model `shapstack train` table).
 
-    python benchmarks/hm_frozen.py [--catalogue ../shared/data/hm/catalogue.csv] [--cache runs/hm-frozen]
+    python benchmarks/hm_frozen.py [--catalogue ../shared/data/hm/catalogue.csv] [--cache runs/hm-frozen] [--outer 5]
 
-The features are cached under --cache (about 8 minutes for 8,338 products on 2 cores, then seconds).
+Without --outer it trains on the training side and scores the 1,600 test products. With --outer 5
+both sides are pooled and every product is scored once by models that never saw its group: five
+times the training, and intervals about half as wide, with no single split to be lucky on.
+The features are cached under --cache (about 11 minutes for 7,986 products on a 2-core CPU,
+then seconds).
 """
 
 from __future__ import annotations
@@ -50,11 +54,45 @@ def features(products, preset, ckpt, tokenizer, path: Path, chunk: int = 512) ->
     return out
 
 
+def stack(train_rows, test_rows, y, groups, texts, feats, preset, ckpt, vocab_size, n_classes, folds, seed):
+    """Every base model and stacker trained on train_rows (the stackers on 5-fold out-of-fold
+    outputs), each one's class predictions for test_rows."""
+
+    def neural(kind):
+        def train_on(rows):
+            model, _ = fit(kind, preset, None, y[rows], n_classes, vocab_size=vocab_size, seed=seed, device="cpu",
+                           checkpoint=ckpt[kind], groups=groups[rows], features=feats[kind][rows])
+            return lambda rs: model.forward_head(torch.from_numpy(feats[kind][rs])).detach().numpy()
+        return train_on
+
+    def sparse(rows):
+        model = TfidfModel.fit([texts[i] for i in rows], y[rows], n_classes, seed=seed)
+        return lambda rs: model.logits([texts[i] for i in rs])
+
+    oof, held = {}, {}
+    for kind, train_on in {"text": neural("text"), "image": neural("image"), "tfidf": sparse}.items():
+        t0 = time.perf_counter()
+        oof[kind] = np.zeros((len(train_rows), n_classes), np.float32)
+        for tr, te in fold_indices(y[train_rows], groups[train_rows], folds, seed):
+            oof[kind][te] = train_on(train_rows[tr])(train_rows[te])
+        held[kind] = train_on(train_rows)(test_rows)
+        print(f"  {kind}: {folds} folds + final {time.perf_counter() - t0:.0f} s, out-of-fold macro-F1 "
+              f"{scores(y[train_rows], oof[kind].argmax(1), range(n_classes))['macro_f1']:.3f}", flush=True)
+    stackers = fit_stackers(StackInputs(oof, np.full(len(train_rows), np.nan)), y[train_rows], STACKERS, seed=seed)
+    x_test = StackInputs(held, np.full(len(test_rows), np.nan))
+    preds = {k: v.argmax(1) for k, v in held.items()}
+    preds.update({name: s.predict_proba(x_test).argmax(1) for name, s in stackers.items()})
+    return preds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--catalogue", type=Path, default=Path("../shared/data/hm/catalogue.csv"))
     ap.add_argument("--cache", type=Path, default=Path("runs/hm-frozen"))
-    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--folds", type=int, default=5, help="cross-fitting folds for the stackers' inputs")
+    ap.add_argument("--outer", type=int, default=0,
+                    help="0: train on the training side, score the test side; K: pool both sides and score "
+                         "every product once, from K group-disjoint outer folds")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -64,8 +102,6 @@ def main() -> None:
     index = {c: i for i, c in enumerate(labels)}
     test = [p for p in load_training_products(a.catalogue, cfg, Limits(), "test") if label_of(p, "category") in index]
     train = [p for p in train if label_of(p, "category") in index]
-    y, yt = (np.array([index[label_of(p, "category")] for p in ps]) for ps in (train, test))
-    groups = np.array([group_of(p, "group_id") for p in train])
     print(f"train {len(train)}, test {len(test)}, {len(labels)} classes: {', '.join(labels)}")
 
     paths = resolve_all(get_preset("pretrained"))
@@ -77,43 +113,30 @@ def main() -> None:
     f_test = features(test, preset, ckpt, tokenizer, a.cache / f"test-{a.seed}.npz")
     print(f"frozen features: {time.perf_counter() - t0:.0f} s")
 
-    def neural(kind):
-        def train_on(rows):
-            model, _ = fit(kind, preset, None, y[rows], len(labels), vocab_size=tokenizer.vocab_size, seed=a.seed,
-                           device="cpu", checkpoint=ckpt[kind], groups=groups[rows], features=f_train[kind][rows])
-            return lambda feats: model.forward_head(torch.from_numpy(feats)).detach().numpy()
-        return train_on, lambda predict, rows: predict(f_train[kind][rows]), lambda predict: predict(f_test[kind])
-
-    def sparse():
-        texts = [p.text for p in train]
-        return (lambda rows: TfidfModel.fit([texts[i] for i in rows], y[rows], len(labels), seed=a.seed),
-                lambda model, rows: model.logits([texts[i] for i in rows]),
-                lambda model: model.logits([p.text for p in test]))
-
-    folds = fold_indices(y, groups, a.folds, a.seed)
-    oof, held = {}, {}
-    for kind, (train_on, on_rows, on_test) in {"text": neural("text"), "image": neural("image"), "tfidf": sparse()}.items():
-        t0 = time.perf_counter()
-        oof[kind] = np.zeros((len(y), len(labels)), np.float32)
-        for tr, te in folds:
-            oof[kind][te] = on_rows(train_on(tr), te)
-        held[kind] = on_test(train_on(np.arange(len(y))))
-        print(f"{kind}: {a.folds} folds + final {time.perf_counter() - t0:.0f} s, out-of-fold macro-F1 "
-              f"{scores(y, oof[kind].argmax(1), range(len(labels)))['macro_f1']:.3f}")
-
-    nan = np.full(len(y), np.nan)
-    t0 = time.perf_counter()
-    stackers = fit_stackers(StackInputs(oof, nan), y, STACKERS, seed=a.seed)
-    print(f"stackers: {time.perf_counter() - t0:.0f} s")
-    x_test = StackInputs(held, np.full(len(yt), np.nan))
-    preds = {k: v.argmax(1) for k, v in held.items()}
-    preds.update({name: s.predict_proba(x_test).argmax(1) for name, s in stackers.items()})
+    products = train + test
+    y = np.array([index[label_of(p, "category")] for p in products])
+    groups = np.array([group_of(p, "group_id") for p in products])
+    feats = {k: np.concatenate([f_train[k], f_test[k]]) for k in ("text", "image")}
+    common = dict(y=y, groups=groups, texts=[p.text for p in products], feats=feats, preset=preset, ckpt=ckpt,
+                  vocab_size=tokenizer.vocab_size, n_classes=len(labels), folds=a.folds, seed=a.seed)
+    if a.outer:
+        scored = np.arange(len(products))
+        preds: dict[str, np.ndarray] = {}
+        for i, (tr, te) in enumerate(fold_indices(y, groups, a.outer, a.seed + 1)):
+            print(f"outer fold {i + 1}/{a.outer}: {len(tr)} train, {len(te)} scored", flush=True)
+            for name, p in stack(tr, te, **common).items():
+                preds.setdefault(name, np.zeros(len(y), np.int64))[te] = p
+    else:
+        scored = np.arange(len(train), len(products))
+        preds = stack(np.arange(len(train)), scored, **common)
+    yt = y[scored]
     present = sorted(set(yt.tolist()))
     intervals = bootstrap_scores(yt, preds, present, reference="tfidf")
     point = {name: scores(yt, p, present) for name, p in preds.items()}
     rows = {name: {**point[name], **{f"{k}_ci": v for k, v in intervals[name].items() if k != "diff_f1"},
                    "diff_f1": point[name]["macro_f1"] - point["tfidf"]["macro_f1"], "diff_f1_ci": intervals[name]["diff_f1"]}
             for name in preds}
+    print(f"scored {len(yt)} products over {len(present)} classes")
     print(format_table_ci(rows, "tfidf"))
 
 
