@@ -211,7 +211,7 @@ def fit(kind: str, preset: str | dict, enc: Encoded, y: np.ndarray, num_classes:
     for epoch in range(hp["epochs"]):
         model.train()
         if features is not None and kind == "multimodal":
-            model.visual.eval()  # frozen: its batch norms keep their statistics  # frozen: its batch norms keep their statistics
+            model.visual.eval()  # frozen: its batch norms keep their statistics
         text_dropout = 1.0 if epoch < warmup_epochs else MODALITY_DROPOUT
         for idx in np.array_split(train_rows[gen.permutation(len(train_rows))], steps_per_epoch):
             inputs = batch_inputs(kind, enc, idx, p["num_image_embeds"], dev, augment,
