@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.metrics import bootstrap_scores, format_table_ci, scores
+from pipeline.metrics import format_table_ci, score_table, scores
 from pipeline.preprocess import encode_products
 from pipeline.presets import get_preset
 from pipeline.pretrained import apply_checkpoints, model_checkpoints, resolve_all
@@ -55,7 +55,7 @@ def features(products, preset, ckpt, tokenizer, path: Path, chunk: int = 512) ->
 
 
 def stack(train_rows, test_rows, y, groups, texts, feats, preset, ckpt, vocab_size, n_classes, folds, seed):
-    """Every base model and stacker trained on train_rows (the stackers on 5-fold out-of-fold
+    """Every base model and stacker trained on train_rows (the stackers on `folds`-fold out-of-fold
     outputs), each one's class predictions for test_rows."""
 
     def neural(kind):
@@ -131,11 +131,7 @@ def main() -> None:
         preds = stack(np.arange(len(train)), scored, **common)
     yt = y[scored]
     present = sorted(set(yt.tolist()))
-    intervals = bootstrap_scores(yt, preds, present, reference="tfidf")
-    point = {name: scores(yt, p, present) for name, p in preds.items()}
-    rows = {name: {**point[name], **{f"{k}_ci": v for k, v in intervals[name].items() if k != "diff_f1"},
-                   "diff_f1": point[name]["macro_f1"] - point["tfidf"]["macro_f1"], "diff_f1_ci": intervals[name]["diff_f1"]}
-            for name in preds}
+    rows = score_table(yt, preds, present, "tfidf")
     print(f"scored {len(yt)} products over {len(present)} classes")
     print(format_table_ci(rows, "tfidf"))
 

@@ -121,6 +121,18 @@ def bootstrap_scores(y: np.ndarray, preds: dict[str, np.ndarray], labels: Sequen
     return out
 
 
+def score_table(y: np.ndarray, preds: dict[str, np.ndarray], labels: Sequence[int], reference: str, *,
+                n: int = 1000, seed: int = 0) -> dict[str, dict]:
+    """Every predictor's macro P / R / F1 with their intervals ("<metric>_ci"), and its macro-F1
+    difference to the reference ("diff_f1", paired interval "diff_f1_ci"): format_table_ci's rows."""
+    table = {name: scores(y, pred, labels) for name, pred in preds.items()}
+    intervals = bootstrap_scores(y, preds, labels, reference=reference, n=n, seed=seed)
+    for name, row in table.items():
+        row.update({f"{k}_ci": list(v) for k, v in intervals[name].items()})
+        row["diff_f1"] = row["macro_f1"] - table[reference]["macro_f1"]
+    return table
+
+
 def paired_bootstrap(y: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, labels: Sequence[int], n: int = 1000,
                      seed: int = 0) -> dict[str, float]:
     """Macro-F1 of a and b, a - b, and the 95% paired-bootstrap interval of each."""

@@ -18,7 +18,7 @@ from pipeline.bundle import load_bundle
 from pipeline.errors import UserError
 from pipeline.feed import batched
 from pipeline.inference import infer, stack_inputs
-from pipeline.metrics import bootstrap_scores, format_table_ci, scores
+from pipeline.metrics import format_table_ci, score_table, scores
 from pipeline.mmshap import mmshap_config
 from pipeline.records import KINDS, Limits
 from pipeline.stackers import SEEDED, StackInputs, load_oof, load_stackers, make_stacker
@@ -110,13 +110,10 @@ def evaluate_bundle(feed, bundle_path, *, split: str | None = None, report: Path
                                   len(bundle.labels))
         preds["tfidf+lr"] = baseline.logits([p.text for p in products]).argmax(1)
     present = sorted(set(y.tolist()))
-    table = {name: scores(y, pred, present) for name, pred in preds.items()}
     # the reference of every difference: the best single model, the TF-IDF baseline included when asked for
-    best_base = max([*x.kinds, *(["tfidf+lr"] if tfidf else [])], key=lambda k: table[k]["macro_f1"])
-    intervals = bootstrap_scores(y, preds, present, reference=best_base, n=n_boot, seed=0)
-    for name, row in table.items():
-        row.update({f"{k}_ci": list(v) for k, v in intervals[name].items()})
-        row["diff_f1"] = row["macro_f1"] - table[best_base]["macro_f1"]
+    best_base = max([*x.kinds, *(["tfidf+lr"] if tfidf else [])],
+                    key=lambda k: scores(y, preds[k], present)["macro_f1"])
+    table = score_table(y, preds, present, best_base, n=n_boot, seed=0)
     if seeds > 1:
         for name, values in seed_spread(bundle.path, stackers, x, y, present, seeds, log).items():
             table[name].update(macro_f1_seed_mean=float(np.mean(values)), macro_f1_seed_sd=float(np.std(values, ddof=1)),
