@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -43,14 +44,19 @@ from train.data import TrainConfig, group_of, label_of, load_training_products, 
 STACKERS = ("mmshap-pool", "mmshap-paper-sum", "lightgbm", "ffn", "mean")
 
 
-def features(products, preset, ckpt, tokenizer, path: Path, chunk: int = 512) -> dict[str, np.ndarray]:
-    if path.exists():
-        return dict(np.load(path))
-    parts = [frozen_features(preset, ckpt, encode_products(products[i : i + chunk], tokenizer, preset), "cpu")
-             for i in range(0, len(products), chunk)]
-    out = {k: np.concatenate([p[k] for p in parts]) for k in ("text", "image")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **out)
+def features(products, preset, ckpt, tokenizer, cache: Path, chunk: int = 512) -> dict[str, np.ndarray]:
+    """The frozen text and image features, each cached on its own (text per "text_layers")."""
+    out = {}
+    for kind, freeze, name in (("text", "freeze_text", f"text{preset.get('text_layers', 1)}"), ("image", "freeze_image", "image")):
+        path = cache.with_name(f"{cache.name}-{name}.npz")
+        if not path.exists():
+            only = {**preset, "freeze_text": freeze == "freeze_text", "freeze_image": freeze == "freeze_image"}
+            rows = products if kind == "image" else [replace(p, image=None) for p in products]  # no decoding
+            parts = [frozen_features(only, ckpt, encode_products(rows[i : i + chunk], tokenizer, preset), "cpu")[kind]
+                     for i in range(0, len(rows), chunk)]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(path, features=np.concatenate(parts))
+        out[kind] = np.load(path)["features"]
     return out
 
 
@@ -109,8 +115,8 @@ def main() -> None:
     ckpt = model_checkpoints(preset, paths)
     tokenizer = checkpoint_tokenizer(paths["text"], preset["max_length"], preset["num_image_embeds"])
     t0 = time.perf_counter()
-    f_train = features(train, preset, ckpt, tokenizer, a.cache / f"train-{a.seed}.npz")
-    f_test = features(test, preset, ckpt, tokenizer, a.cache / f"test-{a.seed}.npz")
+    f_train = features(train, preset, ckpt, tokenizer, a.cache / f"train-{a.seed}")
+    f_test = features(test, preset, ckpt, tokenizer, a.cache / f"test-{a.seed}")
     print(f"frozen features: {time.perf_counter() - t0:.0f} s")
 
     products = train + test

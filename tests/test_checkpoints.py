@@ -208,21 +208,24 @@ def test_cli_trains_from_checkpoints_and_the_bundle_needs_them_no_more(tmp_path)
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
-def test_frozen_text_encoder_trains_its_head_only_on_cached_features(tmp_path):
+@pytest.mark.parametrize("layers", [1, 2])
+def test_frozen_text_encoder_trains_its_head_only_on_cached_features(tmp_path, layers):
     """"freeze_text": the head trains on the pooled vectors computed once (frozen_features), the
     BERT keeps the checkpoint's weights, and the trained model run on token ids gives the logits of
-    its head on the cached features: what was trained on is what inference computes."""
+    its head on the cached features: what was trained on is what inference computes. With
+    "text_layers" the pooled vector holds that many layers' pools, and the model rebuilt from its
+    `arch` (as a bundle is loaded) computes the same logits."""
     from pipeline.feed import read_feed
     from pipeline.preprocess import encode_products
     from pipeline.synthetic import make_catalogue
     from train.base_models import fit, frozen_features
 
     folder = save_bert(tmp_path / "bert")
-    preset = {**get_preset("tiny"), "freeze_text": True, "text_pooling": "mean"}
+    preset = {**get_preset("tiny"), "freeze_text": True, "text_pooling": "mean", "text_layers": layers}
     products = list(read_feed(make_catalogue(tmp_path / "c", 40, 2, seed=1, image_size=32)))
     enc = encode_products(products, checkpoint_tokenizer(folder, preset["max_length"]), preset)
     feats = frozen_features(preset, {"text": folder, "multimodal": {"text": folder}}, enc, device="cpu")
-    assert set(feats) == {"text"} and feats["text"].shape == (40, 24)
+    assert set(feats) == {"text"} and feats["text"].shape == (40, 24 * layers)
     y = torch.tensor([hash(p.label) % 2 for p in products]).numpy()
     start = create_model("text", preset, 2, checkpoint=folder)
     model, stats = fit("text", preset, enc, y, 2, vocab_size=len(SPECIAL + WORDS), checkpoint=folder,
@@ -234,6 +237,15 @@ def test_frozen_text_encoder_trains_its_head_only_on_cached_features(tmp_path):
         via_ids = model(torch.from_numpy(enc.input_ids), torch.from_numpy(enc.text_mask))
         via_features = model.forward_head(torch.from_numpy(feats["text"]))
     torch.testing.assert_close(via_ids, via_features, rtol=1e-4, atol=1e-5)
+    rebuilt = create_model("text", {**preset, **model.arch}, 2)
+    rebuilt.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt.eval()(torch.from_numpy(enc.input_ids), torch.from_numpy(enc.text_mask)), via_ids)
+
+
+def test_several_text_layers_need_mean_pooling():
+    with pytest.raises(ValueError, match="text_pooling"):
+        create_model("text", {**get_preset("tiny"), "text_layers": 2}, 2)
 
 
 def test_freezing_an_encoder_without_its_checkpoint_is_refused(tmp_path):
