@@ -11,6 +11,7 @@ all their training products, and every model's macro-F1 with its paired-bootstra
 the TF-IDF + LR baseline. MMBT is left out (docs/models.md has the four-model `shapstack train` table).
 
     python benchmarks/hm_frozen.py [--catalogue ../shared/data/hm/catalogue.csv] [--cache runs/hm-frozen] [--outer 5]
+                                   [--text-layers 4 --no-text-early-stopping]
 
 Without --outer it trains on the training side and scores the 1,600 test products. With --outer 5
 both sides are pooled and every product is scored once by models that never saw its group: five
@@ -100,6 +101,8 @@ def main() -> None:
                     help="0: train on the training side, score the test side; K: pool both sides and score "
                          "every product once, from K group-disjoint outer folds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--text-layers", type=int, help="the text head reads this many last layers (preset \"text_layers\")")
+    ap.add_argument("--no-text-early-stopping", action="store_true", help="train the text head its full epochs")
     a = ap.parse_args()
     torch.set_num_threads(2)
     cfg = TrainConfig(preset="pretrained", test_fraction=0.2, seed=a.seed)
@@ -112,6 +115,10 @@ def main() -> None:
 
     paths = resolve_all(get_preset("pretrained"))
     preset = apply_checkpoints(get_preset("pretrained"), paths)
+    if a.text_layers:
+        preset["text_layers"] = a.text_layers
+    if a.no_text_early_stopping:
+        preset["train"]["text"]["early_stopping"] = None
     ckpt = model_checkpoints(preset, paths)
     tokenizer = checkpoint_tokenizer(paths["text"], preset["max_length"], preset["num_image_embeds"])
     t0 = time.perf_counter()
@@ -130,8 +137,11 @@ def main() -> None:
         preds: dict[str, np.ndarray] = {}
         for i, (tr, te) in enumerate(fold_indices(y, groups, a.outer, a.seed + 1)):
             print(f"outer fold {i + 1}/{a.outer}: {len(tr)} train, {len(te)} scored", flush=True)
-            for name, p in stack(tr, te, **common).items():
+            fold = stack(tr, te, **common)
+            for name, p in fold.items():
                 preds.setdefault(name, np.zeros(len(y), np.int64))[te] = p
+            present = sorted(set(y[te].tolist()))
+            print("  macro-F1 " + ", ".join(f"{k} {scores(y[te], p, present)['macro_f1']:.3f}" for k, p in fold.items()))
     else:
         scored = np.arange(len(train), len(products))
         preds = stack(np.arange(len(train)), scored, **common)
