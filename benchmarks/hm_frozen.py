@@ -48,10 +48,10 @@ STACKERS = ("mmshap-pool", "mmshap-paper-sum", "lightgbm", "ffn", "mean")
 def features(products, preset, ckpt, tokenizer, cache: Path, chunk: int = 512) -> dict[str, np.ndarray]:
     """The frozen text and image features, each cached on its own (text per "text_layers")."""
     out = {}
-    for kind, freeze, name in (("text", "freeze_text", f"text{preset.get('text_layers', 1)}"), ("image", "freeze_image", "image")):
+    for kind, name in (("text", f"text{preset.get('text_layers', 1)}"), ("image", "image")):
         path = cache.with_name(f"{cache.name}-{name}.npz")
         if not path.exists():
-            only = {**preset, "freeze_text": freeze == "freeze_text", "freeze_image": freeze == "freeze_image"}
+            only = {**preset, "freeze_text": kind == "text", "freeze_image": kind == "image"}
             rows = products if kind == "image" else [replace(p, image=None) for p in products]  # no decoding
             parts = [frozen_features(only, ckpt, encode_products(rows[i : i + chunk], tokenizer, preset), "cpu")[kind]
                      for i in range(0, len(rows), chunk)]
