@@ -19,12 +19,12 @@ Keys:
                   the CLI's --text-checkpoint & co. override them
   text_pooling    "pooler" (BERT's [CLS] pooler, default) or "mean" (over present tokens: what
                   sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained with)
-  text_layers     with "mean": the text model's head reads the last this many layers' mean pools,
-                  each layer-normalised, concatenated (default 1: the last layer's alone)
   freeze_image    true: the image CNN and MMBT's image encoder keep their pretrained weights and
                   their features are computed once (what makes the pretrained preset fit a CPU)
   freeze_text     true: the text model's BERT keeps its pretrained weights, its pooled vectors are
                   computed once and only its head trains (MMBT's transformer still fine-tunes)
+  text_tune_layers  with "freeze_text" (and "text_pooling": "mean"): the text BERT's last this many
+                  layers fine-tune as well, on the token states below them, computed once
   fit             "crop" (resize the short side, centre crop: CLIP's and torchvision's recipe) or
                   "pad" (resize the long side, pad to a square with white: keeps the whole
                   product of a portrait packshot in view)

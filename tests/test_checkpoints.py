@@ -9,6 +9,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -30,13 +31,13 @@ SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 def save_bert(folder: Path, vocab: list[str] | None = None, vocab_size: int | None = None, hidden: int = 24,
-              **config) -> Path:
+              layers: int = 1, **config) -> Path:
     """A tiny BertModel saved with save_pretrained, and its WordPiece vocab.txt."""
     from transformers import BertConfig, BertModel
 
     vocab = SPECIAL + WORDS if vocab is None else vocab
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=vocab_size or len(vocab), hidden_size=hidden, num_hidden_layers=1,
+    bert = BertModel(BertConfig(vocab_size=vocab_size or len(vocab), hidden_size=hidden, num_hidden_layers=layers,
                                 num_attention_heads=2, intermediate_size=48, max_position_embeddings=64, **config))
     bert.save_pretrained(folder)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
@@ -208,24 +209,22 @@ def test_cli_trains_from_checkpoints_and_the_bundle_needs_them_no_more(tmp_path)
     assert result.exit_code == 2 and "does not exist" in result.output
 
 
-@pytest.mark.parametrize("layers", [1, 2])
-def test_frozen_text_encoder_trains_its_head_only_on_cached_features(tmp_path, layers):
+def test_frozen_text_encoder_trains_its_head_only_on_cached_features(tmp_path):
     """"freeze_text": the head trains on the pooled vectors computed once (frozen_features), the
     BERT keeps the checkpoint's weights, and the trained model run on token ids gives the logits of
-    its head on the cached features: what was trained on is what inference computes. With
-    "text_layers" the pooled vector holds that many layers' pools, and the model rebuilt from its
-    `arch` (as a bundle is loaded) computes the same logits."""
+    its head on the cached features: what was trained on is what inference computes, and so does
+    the model rebuilt from its `arch`, as a bundle is loaded."""
     from pipeline.feed import read_feed
     from pipeline.preprocess import encode_products
     from pipeline.synthetic import make_catalogue
     from train.base_models import fit, frozen_features
 
     folder = save_bert(tmp_path / "bert")
-    preset = {**get_preset("tiny"), "freeze_text": True, "text_pooling": "mean", "text_layers": layers}
+    preset = {**get_preset("tiny"), "freeze_text": True, "text_pooling": "mean"}
     products = list(read_feed(make_catalogue(tmp_path / "c", 40, 2, seed=1, image_size=32)))
     enc = encode_products(products, checkpoint_tokenizer(folder, preset["max_length"]), preset)
     feats = frozen_features(preset, {"text": folder, "multimodal": {"text": folder}}, enc, device="cpu")
-    assert set(feats) == {"text"} and feats["text"].shape == (40, 24 * layers)
+    assert set(feats) == {"text"} and feats["text"].shape == (40, 24)
     y = torch.tensor([hash(p.label) % 2 for p in products]).numpy()
     start = create_model("text", preset, 2, checkpoint=folder)
     model, stats = fit("text", preset, enc, y, 2, vocab_size=len(SPECIAL + WORDS), checkpoint=folder,
@@ -243,9 +242,46 @@ def test_frozen_text_encoder_trains_its_head_only_on_cached_features(tmp_path, l
         torch.testing.assert_close(rebuilt.eval()(torch.from_numpy(enc.input_ids), torch.from_numpy(enc.text_mask)), via_ids)
 
 
-def test_several_text_layers_need_mean_pooling():
-    with pytest.raises(ValueError, match="text_pooling"):
-        create_model("text", {**get_preset("tiny"), "text_layers": 2}, 2)
+def test_tuned_top_layers_train_on_cached_token_states(tmp_path):
+    """"text_tune_layers": the layers below the tuned ones run once (their token states cached in
+    float16), the tuned layer and the head train on them, the layers below keep the checkpoint's
+    weights, and the trained model on token ids computes what it was trained on."""
+    from pipeline.feed import read_feed
+    from pipeline.preprocess import encode_products
+    from pipeline.synthetic import make_catalogue
+    from train.base_models import fit, frozen_features
+
+    folder = save_bert(tmp_path / "bert", layers=2)
+    preset = {**get_preset("tiny"), "freeze_text": True, "text_pooling": "mean", "text_tune_layers": 1}
+    products = list(read_feed(make_catalogue(tmp_path / "c", 40, 2, seed=1, image_size=32)))
+    enc = encode_products(products, checkpoint_tokenizer(folder, preset["max_length"]), preset)
+    feats = frozen_features(preset, {"text": folder, "multimodal": {"text": folder}}, enc, device="cpu")["text"]
+    assert feats.shape == (40, preset["max_length"], 25) and feats.dtype == np.float16
+    assert np.array_equal(feats[..., -1], enc.text_mask)
+    y = np.array([hash(p.label) % 2 for p in products])
+    start = create_model("text", preset, 2, checkpoint=folder)
+    model, _ = fit("text", preset, enc, y, 2, vocab_size=len(SPECIAL + WORDS), checkpoint=folder,
+                   device="cpu", epochs=3, features=feats)
+    trained, before = model.bert.encoder.layer, start.bert.encoder.layer
+    assert all(torch.equal(a, b) for a, b in zip(trained[0].state_dict().values(), before[0].state_dict().values()))
+    assert torch.equal(model.bert.embeddings.word_embeddings.weight, start.bert.embeddings.word_embeddings.weight)
+    assert not torch.equal(trained[1].output.dense.weight, before[1].output.dense.weight)
+    ids, mask = torch.from_numpy(enc.input_ids), torch.from_numpy(enc.text_mask)
+    with torch.inference_mode():
+        via_ids = model(ids, mask)
+        exact = model.from_features(model.frozen_states(ids, mask))
+        cached = model.from_features(torch.from_numpy(feats))
+    torch.testing.assert_close(exact, via_ids, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cached, via_ids, rtol=0, atol=5e-3)  # float16 states
+    assert (cached.argmax(1) == via_ids.argmax(1)).all()
+
+
+@pytest.mark.parametrize("bad", [{"text_pooling": "pooler"}, {"text_tune_layers": 3}])
+def test_tuned_layers_need_mean_pooling_and_that_many_layers(tmp_path, bad):
+    folder = save_bert(tmp_path / "bert", layers=2)
+    preset = {**get_preset("tiny"), "freeze_text": True, "text_pooling": "mean", "text_tune_layers": 1, **bad}
+    with pytest.raises(ValueError, match="text_tune_layers"):
+        create_model("text", preset, 2, checkpoint=folder)
 
 
 def test_freezing_an_encoder_without_its_checkpoint_is_refused(tmp_path):

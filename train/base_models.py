@@ -21,9 +21,11 @@ the image CNN and MMBT's image encoder keep their pretrained weights; their feat
 once (`frozen_features`, no augmentation: it would change the cached features) and only the
 heads, MMBT's projection and its transformer train. "freeze_text": the text model's BERT keeps its
 pretrained weights and only its head trains, on the cached pooled vectors (MMBT's transformer, which
-starts from the same checkpoint, still fine-tunes). On H&M a head on frozen MiniLM beats two epochs
-of fine-tuning on a CPU (docs/models.md), at a few seconds instead of half an hour, which is what
-makes the `pretrained` preset fit a 2-core CPU; on a GPU set both to false to fine-tune the encoders.
+starts from the same checkpoint, still fine-tunes); with "text_tune_layers": K its last K layers
+fine-tune too, on the cached token states below them. On H&M MiniLM's last layer tuned so scores above both
+a head on the frozen MiniLM and two epochs of fine-tuning all of it on a CPU (docs/models.md), at
+about 3 minutes instead of half an hour, which is what makes the `pretrained` preset fit a 2-core
+CPU; on a GPU set both to false to fine-tune the encoders whole.
 """
 
 from __future__ import annotations
@@ -65,7 +67,8 @@ def _param_groups(model: nn.Module, weight_decay: float, lr: float, encoder_lr: 
 def frozen_features(preset: dict, checkpoints: dict, enc: Encoded, device: str = "auto",
                     batch_size: int = 32) -> dict[str, np.ndarray]:
     """The frozen encoders' features of every product, for fit(features=...), as the preset freezes
-    them: "text" (B, H) the text model's pooled vector; "image" (B, C) the CNN's globally pooled
+    them: "text" (B, H) the text model's pooled vector, or with "text_tune_layers" (B, T, H + 1) the
+    token states below the tuned layers (BertClassifier.frozen_states, in float16); "image" (B, C) the CNN's globally pooled
     feature map and "multimodal" (B, N, C) MMBT's pooled image cells. With "mmbt_image": "cnn" and
     one checkpoint for both, one forward pass gives both image features."""
     dev = resolve_device(device)
@@ -73,12 +76,16 @@ def frozen_features(preset: dict, checkpoints: dict, enc: Encoded, device: str =
     with torch.inference_mode():
         if preset.get("freeze_text"):
             text = create_model("text", preset, 1, checkpoint=checkpoints.get("text")).to(dev).eval()
-            out["text"] = [text.pool(torch.from_numpy(enc.input_ids[i : i + batch_size]).to(dev),
-                                     torch.from_numpy(enc.text_mask[i : i + batch_size]).to(dev)).cpu().numpy()
+            read = text.frozen_states if text.tune_layers else text.pool
+            out["text"] = [read(torch.from_numpy(enc.input_ids[i : i + batch_size]).to(dev),
+                                torch.from_numpy(enc.text_mask[i : i + batch_size]).to(dev)).cpu().numpy()
                            for i in range(0, len(enc), batch_size)]
         if preset.get("freeze_image"):
             out.update(_frozen_image_features(preset, checkpoints, enc, dev, batch_size))
-    return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
+    feats = {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
+    if "text" in feats and feats["text"].ndim == 3:  # token states, (B, T, H + 1): float16 halves them
+        feats["text"] = feats["text"].astype(np.float16)
+    return feats
 
 
 def _frozen_image_features(preset: dict, checkpoints: dict, enc: Encoded, dev: torch.device,
@@ -103,9 +110,13 @@ def _frozen_forward(kind: str, model: nn.Module):
     """The trainable part of a model whose encoder is frozen, on cached features."""
     for p in (model.visual if kind == "multimodal" else model).parameters():
         p.requires_grad_(False)
-    if kind in ("text", "image"):
-        head = {"text": "classifier", "image": "_fc" if hasattr(model, "_fc") else "fc"}[kind]
-        for p in getattr(model, head).parameters():
+    if kind == "text":
+        for module in (model.classifier, *model.bert.encoder.layer[len(model.bert.encoder.layer) - model.tune_layers :]):
+            for p in module.parameters():
+                p.requires_grad_(True)
+        return model.from_features
+    if kind == "image":
+        for p in (model._fc if hasattr(model, "_fc") else model.fc).parameters():
             p.requires_grad_(True)
         return model.forward_head
     return lambda ids, tmask, feats, imask: model.fuse(ids, tmask, model.proj(feats), imask)
