@@ -98,7 +98,8 @@ class BertClassifier(BertForSequenceClassification):
         if tune_layers and self.pooling != "mean":
             raise ValueError('"text_tune_layers" needs "text_pooling": "mean"')
         if not 0 <= tune_layers <= self.config.num_hidden_layers:
-            raise ValueError(f'"text_tune_layers" {tune_layers}: the encoder has {self.config.num_hidden_layers} layers')
+            raise ValueError(f'"text_tune_layers" {tune_layers}: the encoder has '
+                             f'{self.config.num_hidden_layers} layers')
         self.tune_layers = tune_layers
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

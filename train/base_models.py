@@ -22,10 +22,10 @@ once (`frozen_features`, no augmentation: it would change the cached features) a
 heads, MMBT's projection and its transformer train. "freeze_text": the text model's BERT keeps its
 pretrained weights and only its head trains, on the cached pooled vectors (MMBT's transformer, which
 starts from the same checkpoint, still fine-tunes); with "text_tune_layers": K its last K layers
-fine-tune too, on the cached token states below them. On H&M MiniLM's last layer tuned so scores above both
-a head on the frozen MiniLM and two epochs of fine-tuning all of it on a CPU (docs/models.md), at
-about 3 minutes instead of half an hour, which is what makes the `pretrained` preset fit a 2-core
-CPU; on a GPU set both to false to fine-tune the encoders whole.
+fine-tune too, on the cached token states below them. On H&M MiniLM's last layer tuned so scores
+above both a head on the frozen MiniLM and two epochs of fine-tuning all of it on a CPU
+(docs/models.md), at about 3 minutes instead of half an hour, which is what makes the `pretrained`
+preset fit a 2-core CPU; on a GPU set both to false to fine-tune the encoders whole.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def frozen_features(preset: dict, checkpoints: dict, enc: Encoded, device: str =
                     batch_size: int = 32) -> dict[str, np.ndarray]:
     """The frozen encoders' features of every product, for fit(features=...), as the preset freezes
     them: "text" (B, H) the text model's pooled vector, or with "text_tune_layers" (B, T, H + 1) the
-    token states below the tuned layers (BertClassifier.frozen_states, in float16); "image" (B, C) the CNN's globally pooled
-    feature map and "multimodal" (B, N, C) MMBT's pooled image cells. With "mmbt_image": "cnn" and
+    token states below the tuned layers (BertClassifier.frozen_states, in float16); "image" (B, C)
+    the CNN's globally pooled feature map and "multimodal" (B, N, C) MMBT's pooled image cells. With "mmbt_image": "cnn" and
     one checkpoint for both, one forward pass gives both image features."""
     dev = resolve_device(device)
     out: dict[str, list] = {}
