@@ -114,6 +114,12 @@ class BertClassifier(BertForSequenceClassification):
     def forward_head(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.dropout(pooled))
 
+    @property
+    def tuned(self) -> nn.ModuleList:
+        """The last `tune_layers` encoder layers: the ones that train on frozen_states (none at 0)."""
+        layers = self.bert.encoder.layer
+        return layers[len(layers) - self.tune_layers :]
+
     def frozen_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H + 1): the token states that enter the last `tune_layers` layers, with the
         attention mask as the last channel. What a partly frozen encoder caches: the layers below
@@ -130,7 +136,7 @@ class BertClassifier(BertForSequenceClassification):
             return self.forward_head(features)
         mask, states = present_first(features[..., -1], features[..., :-1].float())
         additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        for layer in self.bert.encoder.layer[-self.tune_layers :]:
+        for layer in self.tuned:
             states = layer(states, attention_mask=additive)
             states = states[0] if isinstance(states, tuple) else states
         return self.forward_head(mean_pool(states, mask))

@@ -69,23 +69,21 @@ def frozen_features(preset: dict, checkpoints: dict, enc: Encoded, device: str =
     """The frozen encoders' features of every product, for fit(features=...), as the preset freezes
     them: "text" (B, H) the text model's pooled vector, or with "text_tune_layers" (B, T, H + 1) the
     token states below the tuned layers (BertClassifier.frozen_states, in float16); "image" (B, C)
-    the CNN's globally pooled feature map and "multimodal" (B, N, C) MMBT's pooled image cells. With "mmbt_image": "cnn" and
-    one checkpoint for both, one forward pass gives both image features."""
+    the CNN's globally pooled feature map and "multimodal" (B, N, C) MMBT's pooled image cells. With
+    "mmbt_image": "cnn" and one checkpoint for both, one forward pass gives both image features."""
     dev = resolve_device(device)
     out: dict[str, list] = {}
     with torch.inference_mode():
         if preset.get("freeze_text"):
             text = create_model("text", preset, 1, checkpoint=checkpoints.get("text")).to(dev).eval()
             read = text.frozen_states if text.tune_layers else text.pool
+            dtype = np.float16 if text.tune_layers else np.float32  # token states: float16 halves them
             out["text"] = [read(torch.from_numpy(enc.input_ids[i : i + batch_size]).to(dev),
-                                torch.from_numpy(enc.text_mask[i : i + batch_size]).to(dev)).cpu().numpy()
+                                torch.from_numpy(enc.text_mask[i : i + batch_size]).to(dev)).cpu().numpy().astype(dtype)
                            for i in range(0, len(enc), batch_size)]
         if preset.get("freeze_image"):
             out.update(_frozen_image_features(preset, checkpoints, enc, dev, batch_size))
-    feats = {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
-    if "text" in feats and feats["text"].ndim == 3:  # token states, (B, T, H + 1): float16 halves them
-        feats["text"] = feats["text"].astype(np.float16)
-    return feats
+    return {k: np.concatenate(v) for k, v in out.items()}
 
 
 def _frozen_image_features(preset: dict, checkpoints: dict, enc: Encoded, dev: torch.device,
@@ -111,7 +109,7 @@ def _frozen_forward(kind: str, model: nn.Module):
     for p in (model.visual if kind == "multimodal" else model).parameters():
         p.requires_grad_(False)
     if kind == "text":
-        for module in (model.classifier, *model.bert.encoder.layer[len(model.bert.encoder.layer) - model.tune_layers :]):
+        for module in (model.classifier, *model.tuned):
             for p in module.parameters():
                 p.requires_grad_(True)
         return model.from_features
