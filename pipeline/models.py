@@ -142,6 +142,33 @@ class BertClassifier(BertForSequenceClassification):
         return self.forward_head(mean_pool(states, mask))
 
 
+def load_bert(cls: type, checkpoint: str | Path, config: BertConfig) -> nn.Module:
+    """cls (BertModel or BertClassifier) from a Hugging Face BERT folder, strict like load_backbone:
+    from_pretrained only warns about an encoder weight it lacks and initialises it at random, so a
+    missing or mis-shaped one fails here with its name; only the new classifier may be missing, and
+    other heads in the folder (an MLM head) are ignored. Transformers' load report and progress bar
+    are silenced: they list the new head as MISSING on every load."""
+    from transformers.utils import logging as hf_logging
+
+    level, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = cls.from_pretrained(checkpoint, config=config, local_files_only=True,
+                                          ignore_mismatched_sizes=True, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(level)
+        if bar:
+            hf_logging.enable_progress_bar()
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith("classifier."))
+    shaped = sorted(k[0] if isinstance(k, tuple) else k for k in info["mismatched_keys"])
+    if missing or shaped:
+        what = ", ".join(f"{len(ks)} {kind} e.g. {ks[:2]}"
+                         for kind, ks in (("missing", missing), ("mis-shaped", shaped)) if ks)
+        raise UserError(f"{checkpoint}: checkpoint does not match its config.json: {what}")
+    return model
+
+
 def _bert_config(p: dict, vocab_size: int | None, checkpoint: str | None) -> BertConfig:
     if checkpoint:
         return BertConfig.from_pretrained(checkpoint, local_files_only=True)
@@ -298,8 +325,7 @@ def create_model(kind: str, preset: str | dict, num_classes: int, *, checkpoint:
     if kind == "text":
         config = _bert_config(p, vocab_size, checkpoint)
         config.num_labels = num_classes
-        model = (BertClassifier.from_pretrained(checkpoint, config=config, local_files_only=True)
-                 if checkpoint else BertClassifier(config))
+        model = load_bert(BertClassifier, checkpoint, config) if checkpoint else BertClassifier(config)
         model.pooling = pooling
         model.set_tuning(p.get("text_tune_layers", 0) if p.get("freeze_text") else 0)
         model.arch = {"bert": _bert_arch(config), "text_pooling": pooling}
@@ -311,8 +337,7 @@ def create_model(kind: str, preset: str | dict, num_classes: int, *, checkpoint:
         if not isinstance(ckpt, dict):
             raise TypeError('multimodal checkpoint must be a dict {"text": folder, "clip": file, "image": file}')
         config = _bert_config(p, vocab_size, ckpt.get("text"))
-        bert = (BertModel.from_pretrained(ckpt["text"], config=config, local_files_only=True)
-                if ckpt.get("text") else BertModel(config))
+        bert = load_bert(BertModel, ckpt["text"], config) if ckpt.get("text") else BertModel(config)
         arch = {"bert": _bert_arch(config), "num_image_embeds": p["num_image_embeds"], "text_pooling": pooling}
         if p.get("mmbt_image") == "cnn":
             visual = build_cnn(p, 1, ckpt.get("image"))

@@ -85,6 +85,37 @@ def test_tokenizer_validation_failures(tmp_path, case, message):
         checkpoint_tokenizer(folder, max_length=62 if case == "too_long" else 16, extra_positions=4)
 
 
+def test_bert_checkpoint_loads_strictly_and_quietly(tmp_path, capfd):
+    """A BERT folder lacking an encoder weight, or whose config.json disagrees with its weights,
+    fails with the weight's name (from_pretrained alone would initialise it at random); a folder
+    with other heads (BertForPreTraining's MLM head) loads, without transformers' load report."""
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertForPreTraining
+
+    folder = save_bert(tmp_path / "bert", layers=2)
+    weights = load_file(folder / "model.safetensors")
+    del weights["encoder.layer.1.output.dense.weight"]
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    for kind, ckpt in (("text", folder), ("multimodal", {"text": folder})):
+        with pytest.raises(UserError, match=r"1 missing e.g. \['(bert\.)?encoder\.layer\.1\.output\.dense\.weight'\]"):
+            create_model(kind, "tiny", 3, checkpoint=ckpt)
+
+    folder = save_bert(tmp_path / "wide")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    with pytest.raises(UserError, match="mis-shaped e.g. \\['bert.encoder.layer.0.intermediate.dense"):
+        create_model("text", "tiny", 3, checkpoint=folder)
+
+    pretraining = BertForPreTraining(BertConfig(**{**config, "intermediate_size": 48}))
+    pretraining.save_pretrained(tmp_path / "mlm")
+    shutil.copy(folder / "vocab.txt", tmp_path / "mlm")
+    capfd.readouterr()
+    model = create_model("text", "tiny", 3, checkpoint=tmp_path / "mlm")
+    assert torch.equal(model.bert.encoder.layer[0].output.dense.weight,
+                       pretraining.bert.encoder.layer[0].output.dense.weight)
+    assert "LOAD REPORT" not in "".join(capfd.readouterr())
+
+
 @pytest.mark.parametrize("block, layers", [("basic", [1, 1, 1, 1]), ("bottleneck", [1, 2, 1, 1])])
 def test_torchvision_resnet_state_dict(tmp_path, block, layers):
     """A torchvision-named ResNet state dict: its architecture is read from the keys, the backbone
