@@ -217,7 +217,8 @@ def test_cli_trains_from_checkpoints_and_the_bundle_needs_them_no_more(tmp_path)
     bert = save_bert(tmp_path / "ckpt" / "bert")
     torch.save(ResNet("basic", [1, 1, 1, 1], num_classes=1000, width=8).state_dict(), tmp_path / "ckpt" / "r.pth")
     args = ["train", str(feed), "--preset", "tiny", "--folds", "1", "--min-class-size", "3", "--epochs", "1",
-            "--mmshap-budget", "0", "--text-checkpoint", str(bert), "--image-checkpoint", str(tmp_path / "ckpt" / "r.pth")]
+            "--mmshap-budget", "0", "--paper-epochs", "300",
+            "--text-checkpoint", str(bert), "--image-checkpoint", str(tmp_path / "ckpt" / "r.pth")]
     result = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "b")])
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
