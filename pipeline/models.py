@@ -123,9 +123,11 @@ class BertClassifier(BertForSequenceClassification):
     def frozen_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """(B, T, H + 1): the token states that enter the last `tune_layers` layers, with the
         attention mask as the last channel. What a partly frozen encoder caches: the layers below
-        never change, so they run once per product, and each epoch runs only the tuned ones."""
-        out = self.bert(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
-        states = out.hidden_states[-1 - self.tune_layers]
+        never change, so they run once per product (only they: the tuned ones are not run), and
+        each epoch runs only the tuned ones."""
+        layers = self.bert.encoder.layer
+        frozen = layers[: len(layers) - self.tune_layers]
+        states = _run_layers(frozen, self.bert.embeddings(input_ids=input_ids), attention_mask)
         return torch.cat([states, attention_mask.unsqueeze(-1).to(states.dtype)], -1)
 
     def from_features(self, features: torch.Tensor) -> torch.Tensor:
@@ -135,11 +137,17 @@ class BertClassifier(BertForSequenceClassification):
         if not self.tune_layers:
             return self.forward_head(features)
         mask, states = present_first(features[..., -1], features[..., :-1].float())
-        additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
-        for layer in self.tuned:
-            states = layer(states, attention_mask=additive)
-            states = states[0] if isinstance(states, tuple) else states
-        return self.forward_head(mean_pool(states, mask))
+        return self.forward_head(mean_pool(_run_layers(self.tuned, states, mask), mask))
+
+
+def _run_layers(layers: nn.ModuleList, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token states through some of a BertModel's layers under a (B, T) attention mask, as the
+    BertModel runs them all (an additive mask over the keys)."""
+    additive = (1.0 - mask[:, None, None, :].to(states.dtype)) * torch.finfo(states.dtype).min
+    for layer in layers:
+        states = layer(states, attention_mask=additive)
+        states = states[0] if isinstance(states, tuple) else states
+    return states
 
 
 def load_bert(cls: type, checkpoint: str | Path, config: BertConfig) -> nn.Module:
