@@ -12,13 +12,15 @@ all their training products, and every model's macro-F1 with its paired-bootstra
 the TF-IDF + LR baseline. MMBT is left out (docs/models.md has the four-model `shapstack train` table).
 
     python benchmarks/hm_frozen.py [--catalogue ../shared/data/hm/catalogue.csv] [--cache runs/hm-frozen]
-                                   [--outer 5] [--folds 0]
+                                   [--outer 5 [--stop-after N]] [--folds 0]
 
 Without --outer it trains on the training side and scores the 1,600 test products. With --outer 5
 both sides are pooled and every product is scored once by models that never saw its group: five
-times the training, and intervals about half as wide, with no single split to be lucky on. With
+times the training, and intervals about half as wide, with no single split to be lucky on. Each
+outer fold is saved when it ends and a rerun resumes from it; --stop-after N scores the products
+of the first N folds only (each still by models that never saw its group). With
 stackers a second table gives every difference to the better neural base model; the predictions
-are saved beside the features (predictions-outer*-folds*-SEED.npz, one array per model and `y`).
+are saved beside the features (predictions-*.npz: one array per model, `y` and the product rows).
 --folds 0 trains and scores the base models alone (no stackers, no inner cross-fitting): a sixth
 of the training. The features are cached under --cache (about 8 minutes for 7,986 products on a
 2-core CPU, then seconds); the text model is what the training time goes to (about 3 minutes per
@@ -117,6 +119,9 @@ def main() -> None:
     ap.add_argument("--outer", type=int, default=0,
                     help="0: train on the training side, score the test side; K: pool both sides and score "
                          "every product once, from K group-disjoint outer folds")
+    ap.add_argument("--stop-after", type=int, default=0,
+                    help="with --outer: score the products of the first N outer folds only (each finished "
+                         "fold is saved under --cache, and a rerun resumes from it)")
     ap.add_argument("--seed", type=int, default=0)
     a = ap.parse_args()
     torch.set_num_threads(2)
@@ -143,22 +148,31 @@ def main() -> None:
     feats = {k: np.concatenate([f_train[k], f_test[k]]) for k in ("text", "image")}
     common = dict(y=y, groups=groups, texts=[p.text for p in products], feats=feats, preset=preset, ckpt=ckpt,
                   vocab_size=tokenizer.vocab_size, n_classes=len(labels), folds=a.folds, seed=a.seed)
+    tag = f"outer{a.outer}-folds{a.folds}-tune{preset.get('text_tune_layers', 0)}-{a.seed}"
     if a.outer:
-        scored = np.arange(len(products))
-        preds: dict[str, np.ndarray] = {}
+        parts = []
         for i, (tr, te) in enumerate(fold_indices(y, groups, a.outer, a.seed + 1)):
+            if len(parts) == (a.stop_after or a.outer):
+                break
+            done = a.cache / f"{tag}-fold{i + 1}.npz"
+            if done.exists():
+                parts.append(dict(np.load(done)))
+                print(f"outer fold {i + 1}/{a.outer}: resumed from {done}", flush=True)
+                continue
             print(f"outer fold {i + 1}/{a.outer}: {len(tr)} train, {len(te)} scored", flush=True)
             fold = stack(tr, te, **common)
-            for name, p in fold.items():
-                preds.setdefault(name, np.zeros(len(y), np.int64))[te] = p
             present = sorted(set(y[te].tolist()))
             print("  macro-F1 " + ", ".join(f"{k} {scores(y[te], p, present)['macro_f1']:.3f}" for k, p in fold.items()))
+            np.savez(done, rows=te, **fold)
+            parts.append({"rows": te, **fold})
+        scored = np.concatenate([part["rows"] for part in parts])
+        preds = {name: np.concatenate([part[name] for part in parts]) for name in parts[0] if name != "rows"}
     else:
         scored = np.arange(len(train), len(products))
         preds = stack(np.arange(len(train)), scored, **common)
     yt = y[scored]
     present = sorted(set(yt.tolist()))
-    np.savez(a.cache / f"predictions-outer{a.outer}-folds{a.folds}-{a.seed}.npz", y=yt, **preds)
+    np.savez(a.cache / f"predictions-{tag}.npz", y=yt, rows=scored, **preds)
     rows = score_table(yt, preds, present, "tfidf")
     print(f"scored {len(yt)} products over {len(present)} classes")
     print(format_table_ci(rows, "tfidf"))
