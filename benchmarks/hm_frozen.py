@@ -23,7 +23,7 @@ stackers a second table gives every difference to the better neural base model; 
 are saved beside the features (predictions-*.npz: one array per model, `y` and the product rows).
 --folds 0 trains and scores the base models alone (no stackers, no inner cross-fitting): a sixth
 of the training. The features are cached under --cache (about 8 minutes for 7,986 products on a
-2-core CPU, then seconds); the text model is what the training time goes to (about 3 minutes per
+2-core CPU, then seconds); the text model is what the training time goes to (3 to 6 minutes per
 fit, six per stack).
 """
 
@@ -156,15 +156,15 @@ def main() -> None:
                 break
             done = a.cache / f"{tag}-fold{i + 1}.npz"
             if done.exists():
-                parts.append(dict(np.load(done)))
                 print(f"outer fold {i + 1}/{a.outer}: resumed from {done}", flush=True)
-                continue
-            print(f"outer fold {i + 1}/{a.outer}: {len(tr)} train, {len(te)} scored", flush=True)
-            fold = stack(tr, te, **common)
-            present = sorted(set(y[te].tolist()))
-            print("  macro-F1 " + ", ".join(f"{k} {scores(y[te], p, present)['macro_f1']:.3f}" for k, p in fold.items()))
-            np.savez(done, rows=te, **fold)
-            parts.append({"rows": te, **fold})
+            else:
+                print(f"outer fold {i + 1}/{a.outer}: {len(tr)} train, {len(te)} scored", flush=True)
+                fold = stack(tr, te, **common)
+                present = sorted(set(y[te].tolist()))
+                print("  macro-F1 " + ", ".join(f"{k} {scores(y[te], p, present)['macro_f1']:.3f}"
+                                                for k, p in fold.items()))
+                np.savez(done, rows=te, **fold)
+            parts.append(dict(np.load(done)))
         scored = np.concatenate([part["rows"] for part in parts])
         preds = {name: np.concatenate([part[name] for part in parts]) for name in parts[0] if name != "rows"}
     else:
